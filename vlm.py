@@ -119,6 +119,67 @@ def barrier():
         dist.barrier()
 
 
+class ResumableShards:
+    """Results of a (data-parallel) pass over a list of items, kept safe as they are produced.
+
+    Each rank appends its finished rows to `{path}.shard{rank}of{world}.jsonl` (flushed and fsynced per
+    batch), every row carrying `"key"`: its item's index. A rerun reads every shard file present
+    (whatever world size wrote it) and skips finished keys, so an interrupted evaluation or mining run
+    resumes where it stopped; a half-written last line from a crash is ignored. `merge()` (all ranks
+    call it; rank 0 writes) puts the rows in key order into `path`, atomically, and removes the shards.
+    """
+
+    def __init__(self, path, d):
+        self.path, self.d = path, d
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.mine = f"{path}.shard{d.rank}of{d.world_size}.jsonl"
+        self.rows = self._read_all()
+        self.done = {row["key"] for row in self.rows}
+
+    def _read_all(self):
+        folder, base = os.path.split(os.path.abspath(self.path))
+        rows = []
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(base + ".shard") and name.endswith(".jsonl"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError:  # the line a crash cut short
+                            pass
+        return rows
+
+    def append(self, rows):
+        with open(self.mine, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(row["key"] for row in rows)
+
+    def merge(self):
+        """All rows, one per key in key order; rank 0 writes them to `path`. Returns the rows."""
+        barrier()
+        by_key = {row["key"]: row for row in self._read_all()}
+        rows = [by_key[k] for k in sorted(by_key)]
+        if self.d.is_main:
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        barrier()
+        if self.d.is_main:
+            folder, base = os.path.split(os.path.abspath(self.path))
+            for name in os.listdir(folder):
+                if name.startswith(base + ".shard") and name.endswith(".jsonl"):
+                    os.remove(os.path.join(folder, name))
+        barrier()
+        return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # loading
 
@@ -442,17 +503,40 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, temperat
     return logp
 
 
-class Policy(nn.Module):
-    """The model as the thing DDP/FSDP wrap for training: forward = `sequence_logprobs`.
+def text_generator(model, processor, max_new_tokens=16, batch_size=32):
+    """A `generate_fn(list[str]) -> list[str]`: greedy text-only answers (the LLM verifier of reward.py)."""
+    device = next(model.parameters()).device
 
-    Training calls go through this module's forward so data-parallel wrappers see them; sampling uses
-    `policy.vlm` directly."""
+    def generate(prompts):
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            batch = processor.encode(None, prompts[s:s + batch_size]).to(device)
+            roll = sample_completions(model, batch, max_new_tokens=max_new_tokens, greedy=True,
+                                      eos_token_ids=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
+            out += processor.decode(roll.completion_ids, roll.completion_mask)
+        return out
+    return generate
+
+
+class Policy(nn.Module):
+    """The model as training sees it, and the module that DDP / FSDP2 wrap.
+
+    `policy(batch, completion_ids, completion_mask)` = `sequence_logprobs`; any other call (the sampler's
+    prefill and decode steps) goes to the Hugging Face model. Both pass through this module's forward,
+    so data-parallel wrappers see every call (FSDP2 gathers its root parameters there)."""
 
     def __init__(self, vlm):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, batch, completion_ids, completion_mask, temperature=1.0, return_entropy=False):
+    @property
+    def config(self):
+        return self.vlm.config
+
+    def forward(self, batch=None, completion_ids=None, completion_mask=None, temperature=1.0,
+                return_entropy=False, **lm_kwargs):
+        if batch is None:
+            return self.vlm(**lm_kwargs)
         return sequence_logprobs(self.vlm, batch, completion_ids, completion_mask, temperature=temperature,
                                  return_entropy=return_entropy)
 
@@ -612,16 +696,22 @@ def save_checkpoint(model, processor, path, *, state_dict=None, adapter_only=Fal
             write_files(tmp)
 
 
+def load_lora_weights(model, path):
+    """Load `path/adapter.safetensors` into a model that already has the same adapters."""
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "adapter.safetensors")), strict=False)
+    if unexpected or any(".lora_" in k for k in missing):
+        raise ValueError(f"{path}: adapter does not fit the model (unexpected {unexpected[:3]}, "
+                         f"missing {[k for k in missing if '.lora_' in k][:3]})")
+    return model
+
+
 def load_adapter(model, path):
     """Add LoRA as described by `path/adapter_config.json` and load `path/adapter.safetensors`."""
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
     add_lora(model, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg.get("dropout", 0.0), targets=tuple(cfg["targets"]),
              include_vision=cfg.get("include_vision", False))
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "adapter.safetensors")), strict=False)
-    if unexpected or any(".lora_" in k for k in missing):
-        raise ValueError(f"{path}: adapter does not fit the model (unexpected {unexpected[:3]})")
-    return model
+    return load_lora_weights(model, path)
 
 
 def save_train_state(tmpdir, *, step, optimizer=None, optimizer_state=None, scheduler=None, generator=None,
@@ -677,12 +767,163 @@ def restore_rng(meta, tensors, generator=None):
 
 
 def latest_checkpoint(out_dir):
-    """The newest complete `step_*` folder under out_dir (None if there is none)."""
-    if not os.path.isdir(out_dir):
-        return None
-    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and "." not in d
-                   and os.path.exists(os.path.join(out_dir, d, "train_state.json")))
-    return os.path.join(out_dir, steps[-1]) if steps else None
+    """The complete checkpoint (`step_*` or `final`) with the highest step under out_dir, or None."""
+    best, best_step = None, -1
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        state = os.path.join(out_dir, name, "train_state.json")
+        if (name == "final" or name.startswith("step_")) and "." not in name and os.path.exists(state):
+            with open(state) as f:
+                step = json.load(f)["step"]
+            if step > best_step:
+                best, best_step = os.path.join(out_dir, name), step
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# training helpers shared by sft.py and grpo.py
+
+def configure_trainable(model, *, lora_r=0, lora_alpha=32, lora_dropout=0.05, lora_targets=LORA_TARGETS,
+                        train_vision=False, gradient_checkpointing=False):
+    """Choose what trains and keep it in fp32 (master weights; bf16 compute comes from autocast).
+
+    LoRA (lora_r > 0): adapters on the language model (and on the vision tower with train_vision), all
+    base weights frozen. Full fine-tuning: everything trains except the vision tower and its merger
+    (the projector) unless train_vision. Returns the trainable parameters."""
+    if lora_r > 0:
+        add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                 include_vision=train_vision)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(train_vision or ".visual." not in f".{name}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return params
+
+
+def autocast(device, bf16):
+    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls); a no-op on CPU or in fp32."""
+    if bf16 and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_policy(model, d, *, fsdp=False, bf16=False):
+    """(trainable, inner): `trainable` is what the loss calls (DDP / FSDP2 / the Policy itself); `inner` is
+    the Policy, for sampling and saving. FSDP2 shards each decoder layer and vision block, then the root."""
+    policy = Policy(model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+        return policy, policy
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None), policy
+    return policy, policy
+
+
+@contextlib.contextmanager
+def generation_mode(policy):
+    """Eval mode for sampling; under FSDP2 every shard is gathered once for the whole decode loop instead
+    of at every token (the full model must fit one GPU for this, as it does for 3B/7B in bf16)."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    was_training = policy.training
+    policy.eval()
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        policy.train(was_training)
+
+
+def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+    """AdamW; weight decay on matrices only (not on biases, norms or LoRA-free vectors)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_schedule(optimizer, kind, warmup_steps, total_steps):
+    """Linear warmup, then constant or cosine decay to zero at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_gradients(trainable, params, max_norm):
+    """Clip to max_norm and return the total norm (a float; inf/nan when some gradient is not finite)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def save_training_checkpoint(path, policy, processor, d, *, step, optimizer, scheduler, generator=None,
+                             extra=None, fsdp=False):
+    """A resumable checkpoint: HF weights (LoRA merged + adapter), optimizer, schedule, RNG, data position.
+    Collective under FSDP (every rank calls it); rank 0 writes, atomically."""
+    state_dict, osd = None, None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = {k.removeprefix("vlm."): v for k, v in get_model_state_dict(policy, options=opts).items()}
+        osd = get_optimizer_state_dict(policy, optimizer, options=opts)
+    if d.is_main:
+        save_checkpoint(policy.vlm, processor, path, state_dict=state_dict, write_files=lambda tmp: save_train_state(
+            tmp, step=step, optimizer=optimizer, optimizer_state=osd, scheduler=scheduler, generator=generator,
+            extra=extra))
+    barrier()
+
+
+def load_training_state(path, policy, optimizer, scheduler, generator=None, fsdp=False):
+    """Restore optimizer, schedule and RNG from a checkpoint (the weights are loaded before wrapping).
+    Returns (step, extra)."""
+    meta, osd, tensors = load_train_state(path)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(osd)
+    scheduler.load_state_dict(meta["scheduler"])
+    restore_rng(meta, tensors, generator)
+    return meta["step"], meta["extra"]
+
+
+def prune_checkpoints(out_dir, keep):
+    """Delete all but the newest `keep` step_* folders."""
+    steps = sorted(x for x in os.listdir(out_dir) if x.startswith("step_") and "." not in x)
+    for name in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+class JsonlLog:
+    """Metrics appended as one JSON line per step (rank 0 only), flushed each time."""
+
+    def __init__(self, path, d):
+        self.f = open(path, "a", encoding="utf-8") if d.is_main else None
+
+    def write(self, row):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
 
 
 # ----------------------------------------------------------------------------------------------------

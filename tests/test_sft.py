@@ -1,0 +1,113 @@
+"""sft.py: the loss masks all but assistant tokens, a tiny model overfits, 2 ranks = 1 rank, resume = no stop."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft
+import vlm
+from data.records import read_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_loss_is_hf_labels_loss_on_assistant_tokens_only(squares):
+    """Our token-mean NLL over completions equals transformers' own loss with labels = -100 on every
+    prompt and padding position (the slow reference of 'labels mask everything but the assistant')."""
+    _, data, model_dir = squares
+    model, proc = vlm.load_model(model_dir), vlm.Processor.from_pretrained(model_dir)
+    records = read_records(data)[:3]
+    args = sft.get_args(["--model", "m", "--data", data, "--out", "o"])
+    examples = [sft.make_example(r, args, None) for r in records]
+    examples[1] = (examples[1][0], examples[1][1] + " A longer question.", examples[1][2] + " more")
+    batch, ids, mask, bad = sft.encode_examples(examples, proc, "cpu", 4096)
+    assert bad == 0
+    with torch.no_grad():
+        ours = -(vlm.sequence_logprobs(model, batch, ids, mask)).sum() / mask.sum()
+        T = batch.input_ids.shape[1]
+        labels = torch.cat([torch.full_like(batch.input_ids, -100), ids.masked_fill(mask == 0, -100)], 1)
+        pos = batch.next_positions()[..., None] + torch.arange(ids.shape[1])
+        ref = model(input_ids=torch.cat([batch.input_ids, ids], 1),
+                    attention_mask=torch.cat([batch.attention_mask, mask.long()], 1),
+                    position_ids=torch.cat([batch.position_ids, pos], 2),
+                    mm_token_type_ids=torch.cat([batch.mm_token_type_ids, torch.zeros_like(ids)], 1),
+                    pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, labels=labels).loss
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # the supervised tokens are exactly the target text followed by <|im_end|>
+    n = int(mask[0].sum())
+    assert proc.tokenizer.decode(ids[0, :n]) == records[0]["target"] + "<|im_end|>"
+    assert (ids[0, n:] == proc.pad_token_id).all()
+
+
+def test_tiny_model_overfits_eight_examples(squares, tmp_path):
+    _, data, model_dir = squares
+    out = str(tmp_path / "sft")
+    sft.main(["--model", model_dir, "--data", data, "--out", out, "--batch_size", "8", "--micro_batch_size", "4",
+              "--lr", "3e-3", "--max_steps", "80", "--warmup_ratio", "0.1", "--schedule", "constant",
+              "--device", "cpu"])
+    import json
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[0]["loss"] > 3.0 and log[-1]["loss"] < 0.05
+    model, proc = vlm.load_model(os.path.join(out, "final")), vlm.Processor.from_pretrained(os.path.join(out, "final"))
+    records = read_records(data)
+    batch = proc.encode([r["image"] for r in records], [r["question"] for r in records])
+    roll = vlm.sample_completions(model, batch, max_new_tokens=24, greedy=True, eos_token_ids=proc.eos_token_ids,
+                                  pad_token_id=proc.pad_token_id)
+    assert proc.decode(roll.completion_ids, roll.completion_mask) == [r["target"] for r in records]
+
+
+COMMON = ["--batch_size", "8", "--micro_batch_size", "2", "--lr", "1e-3", "--max_steps", "6", "--warmup_ratio",
+          "0.3", "--device", "cpu", "--weight_decay", "0.1"]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_two_processes_equal_one(squares, tmp_path):
+    _, data, model_dir = squares
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    sft.main(["--model", model_dir, "--data", data, "--out", one] + COMMON)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "sft.py"), "--model", model_dir, "--data", data, "--out", two] + COMMON,
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
+    start = weights(model_dir)
+    assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lora):
+    _, data, model_dir = squares
+    extra = ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"] if lora else []
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    sft.main(["--model", model_dir, "--data", data, "--out", straight, "--save_every", "2"] + COMMON + extra)
+
+    calls = {"n": 0}
+    real = vlm.clip_gradients
+
+    def crash_at_step_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("preempted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(vlm, "clip_gradients", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2"] + COMMON + extra)
+    monkeypatch.setattr(vlm, "clip_gradients", real)
+    assert vlm.latest_checkpoint(resumed).endswith("step_000002")
+    sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2", "--resume"] + COMMON + extra)
+    a, b = weights(os.path.join(straight, "final")), weights(os.path.join(resumed, "final"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    import json
+    log_a = [json.loads(x)["loss"] for x in open(os.path.join(straight, "log.jsonl"))]
+    log_b = [json.loads(x)["loss"] for x in open(os.path.join(resumed, "log.jsonl"))]
+    assert log_b[:3] + log_b[-3:] == log_a  # steps 1-3, then 3-6 again after the resume from step 2
