@@ -1,0 +1,269 @@
+"""The one record format every stage reads and writes, and the class table beside it.
+
+A record is one JSON object per line of a JSONL file:
+
+    {"image": "images/train/00_solid_red_circle_000.png", "label": "solid red circle", "label_id": 0,
+     "dataset": "toy", "split": "train", "aliases": ["red solid circle"], "parents": ["circle", "red circle"]}
+
+`image` and `label` are required; `parents` runs from the broadest to the closest parent. Stages add
+fields (SFT `question`/`target`; MCQ `options`/`answer`; TAPO `positive`/`negative`/`negative_label`)
+and every field this module does not know is kept as it is. Keys that start with "_" live in memory
+only (`_src` = "file:line" where a record came from) and are never written.
+
+Image paths (`image`, `positive`, `negative`) are written relative to the JSONL file's folder when the
+image lies under it, so a prepared folder can be moved; reading resolves them back to absolute paths.
+
+Nothing here imports torch: data does not depend on the model.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+from PIL import Image
+
+from .prompts import LETTERS
+
+IMAGE_KEYS = ("image", "positive", "negative")  # fields holding image paths
+STR_KEYS = ("label", "dataset", "split", "question", "target", "answer", "negative_label")
+STR_LIST_KEYS = ("aliases", "parents", "options")
+
+
+class RecordError(ValueError):
+    """A bad line in a records file; the message always starts with "{file}:{line}: "."""
+
+    def __init__(self, path, line, reason):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = str(path), line, reason
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+def load_image(path):
+    """Open an image, decode it fully and convert to RGB.
+
+    `.load()` forces the decode now: PIL opens lazily, and a truncated JPEG would otherwise only fail
+    later, deep inside a training step. Missing, corrupt and truncated files raise ImageError.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot decode image ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+def _check_fields(record, known_labels):
+    """The reason a parsed record is bad, or None. Types are checked only for the fields we know."""
+    for key in ("image", "label"):
+        if key not in record:
+            return f"missing field '{key}'"
+    for key in IMAGE_KEYS + STR_KEYS:
+        if key in record and not isinstance(record[key], str):
+            return f"field '{key}' must be a string, got {type(record[key]).__name__}"
+    for key in ("image", "label"):
+        if not record[key].strip():
+            return f"field '{key}' is empty"
+    if "label_id" in record and (type(record["label_id"]) is not int or record["label_id"] < 0):
+        return f"field 'label_id' must be a non-negative integer, got {record['label_id']!r}"
+    for key in STR_LIST_KEYS:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return f"field '{key}' must be a list of strings"
+    if "options" in record:
+        if len(record["options"]) < 2:
+            return "field 'options' needs at least 2 options"
+        if "answer" in record:
+            letters = LETTERS[:len(record["options"])]
+            if record["answer"] not in letters:
+                return f"answer {record['answer']!r} is not one of the option letters {letters}"
+    if known_labels is not None and record["label"] not in known_labels:
+        return f"unknown label {record['label']!r}"
+    return None
+
+
+def scan_records(path, *, check_images=False, known_labels=None):
+    """Yield (record, None) for each good line and (None, RecordError) for each bad one.
+
+    The slow, thorough pass behind read_records and `prepare --check`: it goes on after a bad line so a
+    user sees every problem at once.
+    """
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: records file not found")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield None, RecordError(path, number, f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield None, RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            reason = _check_fields(record, known_labels)
+            if reason is None:
+                for key in IMAGE_KEYS:  # relative paths are relative to the JSONL file's folder
+                    if key in record:
+                        record[key] = os.path.normpath(os.path.join(folder, record[key]))
+                if check_images:
+                    for key in IMAGE_KEYS:
+                        if key in record:
+                            try:
+                                load_image(record[key])
+                            except ImageError as e:
+                                reason = f"field '{key}': {e}"
+                                break
+            if reason is not None:
+                yield None, RecordError(path, number, reason)
+                continue
+            record["_src"] = f"{path}:{number}"
+            yield record, None
+
+
+def read_records(path, *, check_images=False, skip_bad=False, known_labels=None):
+    """Read a JSONL records file into a list of dicts.
+
+    Blank lines are ignored. A bad line (invalid JSON, a missing or mistyped field, a label outside
+    `known_labels`, with `check_images` an image that does not decode) raises RecordError
+    "file:line: reason"; with `skip_bad` it is dropped and one summary line goes to stderr.
+    """
+    records, bad, first = [], 0, None
+    for record, problem in scan_records(path, check_images=check_images, known_labels=known_labels):
+        if record is not None:
+            records.append(record)
+            continue
+        if not skip_bad:
+            raise problem
+        bad += 1
+        first = first or problem
+    if bad:
+        print(f"{path}: skipped {bad} bad record(s); first: {first}", file=sys.stderr)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def _atomic_write(path, text):
+    """Write text to path so that a reader never sees half a file: temp file, fsync, rename."""
+    path = os.path.abspath(str(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial-tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _portable_path(image, folder):
+    """Image path as written: relative to `folder` when it lies under it, else absolute."""
+    image = os.path.abspath(image)
+    if image.startswith(folder + os.sep):
+        return os.path.relpath(image, folder).replace(os.sep, "/")
+    return image
+
+
+def write_records(path, records):
+    """Write records as JSONL, atomically. Drops "_" keys; image paths as in `_portable_path`."""
+    folder = os.path.dirname(os.path.abspath(str(path)))
+    lines = []
+    for record in records:
+        out = {k: v for k, v in record.items() if not k.startswith("_")}
+        for key in IMAGE_KEYS:
+            if key in out:
+                out[key] = _portable_path(out[key], folder)
+        lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+    _atomic_write(path, "".join(lines))
+
+
+def make_record(image, cls, dataset, split, **extra):
+    """A record for one image of class table entry `cls` (a dict with id, name, aliases, parents)."""
+    record = {"image": str(image), "label": cls["name"], "label_id": cls["id"], "dataset": dataset,
+              "split": split, "aliases": list(cls.get("aliases", [])), "parents": list(cls.get("parents", []))}
+    record.update(extra)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# the class table: classes.json
+
+def write_classes(path, table):
+    """Write a class table, one class per line so that it reads (and diffs) well."""
+    lines = ["{"]
+    keys = [k for k in table if k != "classes"]
+    for key in keys:
+        lines.append(f" {json.dumps(key)}: {json.dumps(table[key], ensure_ascii=False)},")
+    lines.append(' "classes": [')
+    classes = table.get("classes", [])
+    for i, cls in enumerate(classes):
+        lines.append("  " + json.dumps(cls, ensure_ascii=False) + ("," if i < len(classes) - 1 else ""))
+    lines.append(" ]")
+    lines.append("}")
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def load_classes(path):
+    """Read classes.json (or the classes.json inside a prepared folder) and check it.
+
+    {"dataset": str, "domain": str, "classes": [{"id", "name", "aliases", "parents", "base"}, ...]};
+    ids run 0..n-1 in order. A mixed-domain table has no classes of its own but "parts":
+    {dataset: table} (see prepare's `mix`).
+    """
+    path = str(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "classes.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise RecordError(path, e.lineno, f"invalid JSON ({e.msg})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("classes"), list):
+        raise ValueError(f"{path}: expected an object with a 'classes' list")
+    for i, cls in enumerate(table["classes"]):
+        if not isinstance(cls, dict) or not isinstance(cls.get("name"), str):
+            raise ValueError(f"{path}: class #{i} has no name")
+        if cls.get("id") != i:
+            raise ValueError(f"{path}: class #{i} ({cls['name']!r}) has id {cls.get('id')!r}, expected {i}")
+        cls.setdefault("aliases", [])
+        cls.setdefault("parents", [])
+        cls.setdefault("base", True)
+    return table
+
+
+def classes_of(table, dataset=None):
+    """The class entries for records of `dataset`: its part of a mixed-domain table, else the table's
+    own classes (all parts' classes for a mixed table and an unknown dataset)."""
+    parts = table.get("parts") or {}
+    if dataset in parts:
+        return parts[dataset]["classes"]
+    if parts and not table.get("classes"):
+        return [c for part in parts.values() for c in part["classes"]]
+    return table["classes"]
+
+
+def class_names(table, which="all", dataset=None):
+    """Names of the classes in id order: which = "base", "novel" or "all"; for a mixed-domain table,
+    those of `dataset`'s part (all parts when not given)."""
+    if which not in ("base", "novel", "all"):
+        raise ValueError(f"which must be 'base', 'novel' or 'all', got {which!r}")
+    return [c["name"] for c in classes_of(table, dataset)
+            if which == "all" or (which == "base") == bool(c.get("base", True))]

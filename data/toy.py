@@ -1,0 +1,309 @@
+"""The toy world: a procedurally generated fine-grained dataset that plays the role of CUB on a CPU.
+
+Classes are every combination of a shape, a colour and a pattern, named compositionally
+("striped red triangle"), in a three-level hierarchy: shape ⊃ colour+shape ⊃ pattern+colour+shape, so
+"triangle" is generic and "red triangle" less specific. Look-alike classes differ in one attribute.
+Images are small (56 px by default) with random position, scale, rotation, colour jitter, background
+tint and pixel noise, so no two images of a class are the same.
+
+Base/novel split. Ids are ordered so that CoCoOp's rule (base = first ceil(n/2) ids) gives a split in
+which every attribute value, and every pair of attribute values, appears in some base class: novel
+classes are new *combinations* of seen attributes. The rule behind the order: a class (s, c, p) of
+attribute indices is base when (s + c + p) mod 4 is 0 or 1 (base classes get the lowest ids, each
+group in lexicographic order). On the default 4×4×4 world that is exactly 32 base classes; each base
+class has 3 base look-alikes (one per attribute) and 6 novel ones. Other sizes take the first ceil(n/2)
+of that order, and generation fails if some attribute value would be missing from base.
+
+Files written (all in the record format of data/records.py, images as PNG under DIR/images/):
+- classes.json, train.jsonl (base), val.jsonl (base), test_base.jsonl, test_novel.jsonl;
+- sft.jsonl: train images with a short target "<think>shape: ... colour: ... pattern: ...</think>
+  <answer>name</answer>" (the plain SFT target of the toy run);
+- sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
+  look-alikes -> comparison -> prediction) on the train images;
+- pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
+  (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
+  and 2-4 random others. Nothing in it names a class openly, so novel classes do not leak;
+- triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
+- test_mcq.jsonl: closed-world MCQs on test_base images, options = the true class + 4 look-alikes
+  (base ones first).
+
+Deterministic: every image is drawn from its own RNG seeded by (seed, split, class, index), and the
+same seed gives byte-identical files.
+"""
+
+import math
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .prompts import FORMAT, LETTERS, mcq_question, open_question
+from .records import make_record, write_classes, write_records
+
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
+COLOURS = {"red": (215, 40, 40), "green": (40, 155, 55), "blue": (45, 80, 215), "yellow": (235, 205, 40),
+           "purple": (135, 55, 175), "orange": (240, 135, 30)}
+PATTERNS = ["solid", "striped", "dotted", "checked", "ringed"]
+
+SHAPE_TEXT = {"circle": "a round outline with no corners", "square": "four equal straight sides and four corners",
+              "triangle": "three straight sides and three corners", "star": "five sharp points",
+              "hexagon": "six straight sides", "cross": "two crossing bars"}
+PATTERN_TEXT = {"solid": "one flat colour with no marks", "striped": "parallel stripes",
+                "dotted": "a grid of small dots", "checked": "a checkerboard of small squares",
+                "ringed": "concentric rings"}
+ATTRIBUTE_QUESTIONS = {
+    "shape": "What shape is in this image? " + FORMAT,
+    "colour": "What colour is the shape in this image? " + FORMAT,
+    "pattern": "What pattern is on the shape in this image? " + FORMAT,
+}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# the class table
+
+def make_world(n_shapes=4, n_colours=4, n_patterns=4):
+    """The class table: every (shape, colour, pattern), ids ordered so that base = first ceil(n/2)."""
+    for what, n, pool in (("shapes", n_shapes, SHAPES), ("colours", n_colours, COLOURS), ("patterns", n_patterns, PATTERNS)):
+        if not 2 <= n <= len(pool):
+            raise ValueError(f"the toy world needs 2..{len(pool)} {what}, got {n}")
+    colours = list(COLOURS)
+    combos = [(s, c, p) for s in range(n_shapes) for c in range(n_colours) for p in range(n_patterns)]
+    combos.sort(key=lambda t: (sum(t) % 4 >= 2, t))
+    n_base = math.ceil(len(combos) / 2)
+    classes = []
+    for i, (s, c, p) in enumerate(combos):
+        shape, colour, pattern = SHAPES[s], colours[c], PATTERNS[p]
+        classes.append({"id": i, "name": f"{pattern} {colour} {shape}", "aliases": [f"{colour} {pattern} {shape}"],
+                        "parents": [shape, f"{colour} {shape}"], "base": i < n_base,
+                        "attributes": {"shape": shape, "colour": colour, "pattern": pattern}})
+    for attribute in ("shape", "colour", "pattern"):
+        seen = {c["attributes"][attribute] for c in classes if c["base"]}
+        every = {c["attributes"][attribute] for c in classes}
+        if seen != every:
+            raise ValueError(f"toy split leaves {attribute} {sorted(every - seen)} out of the base classes")
+    return classes
+
+
+def lookalikes(cls, classes):
+    """Classes that differ from `cls` in exactly one attribute."""
+    a = cls["attributes"]
+    return [c for c in classes if sum(c["attributes"][k] != a[k] for k in a) == 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# drawing
+
+def _outline(shape, r, centre):
+    """Polygon points (or None for the circle) of a shape with circumradius r around centre."""
+    cx, cy = centre
+    if shape == "circle":
+        return None
+    if shape == "cross":
+        w = 0.38 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        return [(cx + x, cy + y) for x, y in pts]
+    if shape == "star":
+        radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
+        angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    else:
+        n = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
+        radii = [r] * n
+        angles = [-math.pi / 2 + (math.pi / n if shape == "square" else 0) + 2 * math.pi * k / n for k in range(n)]
+    return [(cx + q * math.cos(t), cy + q * math.sin(t)) for q, t in zip(radii, angles)]
+
+
+def _pattern(draw, pattern, side, ink, rng, scale):
+    """Draw a pattern over a side×side tile, with a random phase (scale = pixels per 56-px pixel)."""
+    period = 5 * scale
+    ox, oy = rng.uniform(0, period, size=2)
+    if pattern == "striped":
+        for x in np.arange(-period + ox, side + period, period):
+            draw.rectangle([x, 0, x + period / 2, side], fill=ink)
+    elif pattern == "dotted":
+        step, radius = 5.5 * scale, 1.3 * scale
+        for y in np.arange(-step + oy, side + step, step):
+            for x in np.arange(-step + ox, side + step, step):
+                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=ink)
+    elif pattern == "checked":
+        cell = 4 * scale
+        for j, y in enumerate(np.arange(-cell + oy, side + cell, cell)):
+            for i, x in enumerate(np.arange(-cell + ox, side + cell, cell)):
+                if (i + j) % 2 == 0:
+                    draw.rectangle([x, y, x + cell, y + cell], fill=ink)
+    elif pattern == "ringed":
+        c = side / 2
+        for q in np.arange(side, 0, -period):
+            draw.ellipse([c - q, c - q, c + q, c + q], fill=ink if int(round(q / period)) % 2 == 0 else None)
+
+
+def render(attributes, rng, size=56):
+    """One image of a class: a patterned shape at a random place, scale and rotation on a tinted,
+    noisy background. Drawn at twice the size and downsampled, so thin patterns stay smooth."""
+    scale = 2 * size / 56  # drawing pixels per pixel of a 56-px image
+    big = 2 * size
+    background = tuple(int(v) for v in np.clip(rng.uniform(150, 225) + rng.uniform(-20, 20, 3), 0, 255))
+    image = Image.new("RGB", (big, big), background)
+    fill = tuple(int(v) for v in np.clip(np.array(COLOURS[attributes["colour"]]) + rng.uniform(-18, 18, 3), 0, 255))
+    ink = (250, 250, 250) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] < 150 else (25, 25, 25)
+    r = rng.uniform(0.26, 0.40) * big  # circumradius
+    side = int(2 * r) + 4
+    tile = Image.new("RGB", (side, side), fill)
+    _pattern(ImageDraw.Draw(tile), attributes["pattern"], side, ink, rng, scale)
+    mask = Image.new("L", (side, side), 0)
+    points = _outline(attributes["shape"], r, (side / 2, side / 2))
+    if points is None:
+        q = 0.88 * r
+        ImageDraw.Draw(mask).ellipse([side / 2 - q, side / 2 - q, side / 2 + q, side / 2 + q], fill=255)
+    else:
+        ImageDraw.Draw(mask).polygon(points, fill=255)
+    angle = rng.uniform(0, 360)
+    tile = tile.rotate(angle, resample=Image.BILINEAR)
+    mask = mask.rotate(angle, resample=Image.BILINEAR)
+    cx, cy = rng.uniform(r + 2, big - r - 2, size=2)
+    image.paste(tile, (int(cx - side / 2), int(cy - side / 2)), mask)
+    image = image.resize((size, size), Image.BOX)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+def _draw_split(out, split, classes, per_class, seed, size):
+    """Render and save `per_class` images of each class; returns [(relative path, class)]."""
+    folder = os.path.join(out, "images", split)
+    os.makedirs(folder, exist_ok=True)
+    items = []
+    for cls in classes:
+        slug = cls["name"].replace(" ", "_")
+        for k in range(per_class):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], cls["id"], k])
+            path = os.path.join(folder, f"{cls['id']:02d}_{slug}_{k:03d}.png")
+            render(cls["attributes"], rng, size).save(path, optimize=False)
+            items.append((path, cls))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# targets written from the known attributes
+
+def _attributes_think(a):
+    return f"<think>shape: {a['shape']}. colour: {a['colour']}. pattern: {a['pattern']}.</think>"
+
+
+def short_target(cls):
+    """The plain SFT target of the toy run."""
+    return _attributes_think(cls["attributes"]) + f"<answer>{cls['name']}</answer>"
+
+
+def cot_target(cls, candidates):
+    """A Fine-R1-format rationale: numbered visual features -> candidates -> comparison -> prediction."""
+    a = cls["attributes"]
+    lines = ["Visual analysis:",
+             f"1. Shape: {SHAPE_TEXT[a['shape']]}, so a {a['shape']}.",
+             f"2. Colour: the shape is filled with {a['colour']}.",
+             f"3. Pattern: {PATTERN_TEXT[a['pattern']]}, so {a['pattern']}.",
+             "Candidates: " + ", ".join(c["name"] for c in candidates) + ".",
+             "Comparison:"]
+    for c in candidates:
+        wrong = [k for k in ("shape", "colour", "pattern") if c["attributes"][k] != a[k]]
+        if not wrong:
+            lines.append(f"- {c['name']}: shape, colour and pattern all match.")
+        else:
+            k = wrong[0]
+            lines.append(f"- {c['name']}: its {k} is {c['attributes'][k]}, but the image shows {a[k]}; rejected.")
+    lines.append(f"Prediction: {cls['name']}.")
+    return "<think>" + "\n".join(lines) + f"</think><answer>{cls['name']}</answer>"
+
+
+def _mcq(cls, others, rng):
+    """Options = cls + others in a seeded random order; returns (options, answer letter)."""
+    options = [cls] + list(others)
+    rng.shuffle(options)
+    return [c["name"] for c in options], LETTERS[options.index(cls)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole world on disk
+
+def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
+             val_per_class=4, test_per_class=8, pretrain_per_class=12):
+    """Write the toy world to `out`; returns {file stem: records} for the summary table."""
+    if size > 112:
+        raise ValueError(f"toy images are at most 112 px, got {size}")
+    classes = make_world(n_shapes, n_colours, n_patterns)
+    base = [c for c in classes if c["base"]]
+    config = {"seed": seed, "shapes": n_shapes, "colours": n_colours, "patterns": n_patterns, "size": size,
+              "train_per_class": train_per_class, "val_per_class": val_per_class,
+              "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class}
+    write_classes(os.path.join(out, "classes.json"),
+                  {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
+
+    def records(items, split, **extra):
+        return [make_record(path, cls, "toy", split, **extra) for path, cls in items]
+
+    train_items = _draw_split(out, "train", base, train_per_class, seed, size)
+    files = {
+        "train": records(train_items, "train"),
+        "val": records(_draw_split(out, "val", base, val_per_class, seed, size), "val"),
+    }
+    test_items = _draw_split(out, "test", classes, test_per_class, seed, size)
+    files["test_base"] = records([(p, c) for p, c in test_items if c["base"]], "test_base")
+    files["test_novel"] = records([(p, c) for p, c in test_items if not c["base"]], "test_novel")
+
+    question = open_question("toy")
+    files["sft"] = [make_record(p, c, "toy", "train", question=question, target=short_target(c))
+                    for p, c in train_items]
+
+    rng = random.Random(f"{seed}:sft_cot")
+    files["sft_cot"] = []
+    for path, cls in train_items:
+        near = [c for c in lookalikes(cls, classes) if c["base"]]
+        candidates = [cls] + rng.sample(near, min(3, len(near)))
+        rng.shuffle(candidates)
+        files["sft_cot"].append(make_record(path, cls, "toy", "train", question=question,
+                                            target=cot_target(cls, candidates)))
+
+    rng = random.Random(f"{seed}:pretrain")
+    files["pretrain"] = []
+    for path, cls in _draw_split(out, "pretrain", classes, pretrain_per_class, seed, size):
+        a = cls["attributes"]
+        for attribute, text in ATTRIBUTE_QUESTIONS.items():
+            target = f"<think>{attribute}: {a[attribute]}.</think><answer>{a[attribute]}</answer>"
+            files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task=attribute,
+                                                 question=text, target=target))
+        others = rng.sample([c for c in classes if c is not cls], rng.randint(2, 4))
+        options, letter = _mcq(cls, others, rng)
+        files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="mcq",
+                                             question=mcq_question("toy", options), options=options, answer=letter,
+                                             target=_attributes_think(a) + f"<answer>{letter}</answer>"))
+    rng.shuffle(files["pretrain"])  # a mixture of tasks: interleave them
+
+    by_class = {}
+    for path, cls in train_items:
+        by_class.setdefault(cls["id"], []).append(path)
+    rng = random.Random(f"{seed}:triplets")
+    files["triplets"] = []
+    for path, cls in train_items:
+        positives = [p for p in by_class[cls["id"]] if p != path] or [path]
+        negative_cls = rng.choice([c for c in lookalikes(cls, classes) if c["base"]] or [c for c in base if c is not cls])
+        files["triplets"].append(make_record(path, cls, "toy", "train", positive=rng.choice(positives),
+                                             negative=rng.choice(by_class[negative_cls["id"]]),
+                                             negative_label=negative_cls["name"]))
+
+    rng = random.Random(f"{seed}:test_mcq")
+    files["test_mcq"] = []
+    for path, cls in test_items:
+        if not cls["base"]:
+            continue
+        near = lookalikes(cls, classes)
+        near_base = [c for c in near if c["base"]]
+        near_novel = [c for c in near if not c["base"]]
+        others = rng.sample(near_base, min(4, len(near_base)))
+        others += rng.sample(near_novel, min(4 - len(others), len(near_novel)))
+        options, letter = _mcq(cls, others, rng)
+        files["test_mcq"].append(make_record(path, cls, "toy", "test_base", question=mcq_question("toy", options),
+                                             options=options, answer=letter))
+
+    for stem, recs in files.items():
+        write_records(os.path.join(out, f"{stem}.jsonl"), recs)
+    return files

@@ -1,0 +1,174 @@
+"""The record format: reading, writing, validation with file:line errors, image loading, class tables."""
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from data.records import (ImageError, RecordError, class_names, classes_of, load_classes, load_image, read_records,
+                          write_classes, write_records)
+
+
+def png(path, colour=(200, 30, 30), size=(8, 8)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def lines(path, rows):
+    """Write raw lines (strings as they are, dicts as JSON)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def test_write_then_read_keeps_fields_and_makes_paths_portable(tmp_path):
+    image = png(tmp_path / "out" / "images" / "a.png")
+    outside = png(tmp_path / "elsewhere" / "b.png")
+    records = [{"image": image, "label": "red circle", "label_id": 3, "dataset": "toy", "split": "train",
+                "aliases": ["circle, red"], "parents": ["circle"], "negative": outside, "my_field": {"x": [1, 2]},
+                "_private": "dropped"}]
+    path = tmp_path / "out" / "train.jsonl"
+    write_records(path, records)
+    written = json.loads(path.read_text())
+    assert written["image"] == "images/a.png"  # under the output folder: relative
+    assert written["negative"] == outside  # elsewhere: absolute
+    assert "_private" not in written and written["my_field"] == {"x": [1, 2]}
+
+    back = read_records(path)
+    assert back[0]["image"] == image and back[0]["negative"] == outside
+    assert back[0]["my_field"] == {"x": [1, 2]} and back[0]["aliases"] == ["circle, red"]
+    assert back[0]["_src"] == f"{path}:1"
+
+
+def test_a_prepared_folder_can_be_moved(tmp_path):
+    png(tmp_path / "a" / "images" / "x.png", colour=(1, 2, 3))
+    write_records(tmp_path / "a" / "train.jsonl", [{"image": str(tmp_path / "a" / "images" / "x.png"), "label": "x"}])
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    record = read_records(tmp_path / "b" / "train.jsonl", check_images=True)[0]
+    assert record["image"] == str(tmp_path / "b" / "images" / "x.png")
+    assert load_image(record["image"]).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_blank_lines_are_ignored_and_line_numbers_count_them(tmp_path):
+    image = png(tmp_path / "a.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": image, "label": "a"}, "", "   ", {"image": image, "label": "b"}])
+    records = read_records(path)
+    assert [r["label"] for r in records] == ["a", "b"]
+    assert records[1]["_src"].endswith(":4")
+
+
+@pytest.mark.parametrize("row, reason", [
+    ('{"image": "a.png", "label": ', "invalid JSON"),
+    ('["a.png", "x"]', "expected a JSON object"),
+    ({"label": "x"}, "missing field 'image'"),
+    ({"image": "a.png"}, "missing field 'label'"),
+    ({"image": "a.png", "label": ""}, "field 'label' is empty"),
+    ({"image": "a.png", "label": 7}, "field 'label' must be a string"),
+    ({"image": "a.png", "label": "x", "label_id": "3"}, "field 'label_id' must be a non-negative integer"),
+    ({"image": "a.png", "label": "x", "aliases": "y"}, "field 'aliases' must be a list of strings"),
+    ({"image": "a.png", "label": "x", "options": ["p", "q"], "answer": "C"}, "answer 'C' is not one of"),
+    ({"image": "a.png", "label": "x", "options": ["p"]}, "needs at least 2 options"),
+    ({"image": "a.png", "label": "parrot"}, "unknown label 'parrot'"),
+])
+def test_bad_lines_name_file_line_and_reason(tmp_path, row, reason):
+    png(tmp_path / "a.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "x"}, row])
+    with pytest.raises(RecordError) as e:
+        read_records(path, known_labels={"x", "y"})
+    assert str(e.value).startswith(f"{path}:2: ")
+    assert reason in str(e.value)
+    assert e.value.line == 2
+
+
+def test_check_images_names_the_line_and_the_image(tmp_path):
+    good = png(tmp_path / "good.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    path = lines(tmp_path / "r.jsonl", [{"image": good, "label": "x"}, {"image": "missing.png", "label": "x"},
+                                        {"image": "corrupt.jpg", "label": "x"}])
+    assert len(read_records(path)) == 3  # without check_images images are not opened
+    with pytest.raises(RecordError) as e:
+        read_records(path, check_images=True)
+    assert str(e.value).startswith(f"{path}:2: ") and "missing.png" in str(e.value) and "not found" in str(e.value)
+
+
+def test_skip_bad_drops_and_counts(tmp_path, capsys):
+    good = png(tmp_path / "good.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    path = lines(tmp_path / "r.jsonl", [{"image": good, "label": "x"}, "{broken", {"image": "corrupt.jpg", "label": "x"},
+                                        {"image": good, "label": "y"}])
+    records = read_records(path, check_images=True, skip_bad=True)
+    assert [r["label"] for r in records] == ["x", "y"]
+    err = capsys.readouterr().err
+    assert "skipped 2 bad record(s)" in err and f"{path}:2: invalid JSON" in err
+
+
+def test_missing_records_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        read_records(tmp_path / "nowhere.jsonl")
+
+
+def test_load_image_converts_and_rejects_bad_files(tmp_path):
+    Image.new("L", (5, 4), 128).save(tmp_path / "grey.png")
+    image = load_image(tmp_path / "grey.png")
+    assert image.mode == "RGB" and image.size == (5, 4)
+
+    with pytest.raises(ImageError, match="missing.png.*not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ImageError, match="text.png.*cannot decode"):
+        load_image(tmp_path / "text.png")
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        load_image(tmp_path / "truncated.jpg")
+
+
+def test_a_failed_write_leaves_the_old_file_intact(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_records(path, [{"image": "/a.png", "label": "x"}])
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        write_records(path, [{"image": "/b.png", "label": "y"}, {"image": "/c.png", "label": object()}])
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["train.jsonl"]  # no temp file left behind
+
+
+def test_class_table_roundtrip_and_names(tmp_path):
+    table = {"dataset": "cub", "domain": "bird", "classes": [
+        {"id": 0, "name": "Laysan Albatross", "aliases": [], "parents": [], "base": True},
+        {"id": 1, "name": "Brewer Blackbird", "aliases": ["Brewer's Blackbird"], "parents": ["Icteridae"], "base": True},
+        {"id": 2, "name": "Artic Tern", "aliases": ["Arctic Tern"], "parents": [], "base": False}]}
+    write_classes(tmp_path / "classes.json", table)
+    loaded = load_classes(tmp_path)  # a prepared folder works as well as the file
+    assert loaded == table
+    assert class_names(loaded, "base") == ["Laysan Albatross", "Brewer Blackbird"]
+    assert class_names(loaded, "novel") == ["Artic Tern"]
+    assert class_names(loaded) == ["Laysan Albatross", "Brewer Blackbird", "Artic Tern"]
+    with pytest.raises(ValueError):
+        class_names(loaded, "seen")
+
+    mixed = {"dataset": "mix", "domain": "object", "classes": [], "parts": {"cub": loaded, "toy": {
+        "dataset": "toy", "classes": [{"id": 0, "name": "solid red circle", "base": False}]}}}
+    assert class_names(mixed, "novel") == ["Artic Tern", "solid red circle"]
+    assert class_names(mixed, "all", dataset="toy") == ["solid red circle"]
+    assert classes_of(mixed, "cub") == loaded["classes"] and classes_of(loaded, "anything") == loaded["classes"]
+
+
+def test_class_table_with_wrong_ids_is_rejected(tmp_path):
+    (tmp_path / "classes.json").write_text(json.dumps({"dataset": "x", "classes": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ValueError, match="class #0 .* has id 1"):
+        load_classes(tmp_path / "classes.json")
+
+
+def test_data_does_not_import_the_model_stack():
+    import subprocess
+    import sys
+    code = ("import sys, data, data.prepare, data.toy, data.loaders, data.splits; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

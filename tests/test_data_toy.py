@@ -1,0 +1,232 @@
+"""The toy world: hierarchy, look-alikes, the base/novel split, images, derived files, determinism."""
+
+import colorsys
+import os
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data import splits, toy
+from data.prompts import LETTERS, mcq_question, open_question
+from data.records import class_names, load_classes, read_records
+
+SMALL = dict(train_per_class=3, val_per_class=1, test_per_class=2, pretrain_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The default 64-class world with few images per class, generated once for this module."""
+    out = tmp_path_factory.mktemp("toy")
+    toy.generate(str(out), seed=0, **SMALL)
+    table = load_classes(out)
+    files = {f[:-6]: read_records(out / f, check_images=True, known_labels=set(class_names(table)))
+             for f in os.listdir(out) if f.endswith(".jsonl")}
+    return out, table, files
+
+
+def test_classes_hierarchy_and_names():
+    classes = toy.make_world()
+    assert len(classes) == 64 and len({c["name"] for c in classes}) == 64
+    for c in classes:
+        a = c["attributes"]
+        assert c["name"] == f"{a['pattern']} {a['colour']} {a['shape']}"
+        assert c["parents"] == [a["shape"], f"{a['colour']} {a['shape']}"]
+        assert c["aliases"] == [f"{a['colour']} {a['pattern']} {a['shape']}"]
+    striped_red_triangle = next(c for c in classes if c["name"] == "striped red triangle")
+    assert striped_red_triangle["parents"] == ["triangle", "red triangle"]
+
+
+def test_lookalikes_differ_in_one_attribute():
+    classes = toy.make_world()
+    for c in classes:
+        near = toy.lookalikes(c, classes)
+        assert len(near) == 9  # 3 other values for each of 3 attributes
+        for n in near:
+            assert sum(n["attributes"][k] != c["attributes"][k] for k in ("shape", "colour", "pattern")) == 1
+
+
+def test_split_follows_the_cocoop_rule_and_novel_classes_are_new_combinations():
+    classes = toy.make_world()
+    assert {c["id"] for c in classes if c["base"]} == splits.base_ids(64)
+    base = [c for c in classes if c["base"]]
+    for first, second in (("shape", "colour"), ("shape", "pattern"), ("colour", "pattern")):
+        every = {(c["attributes"][first], c["attributes"][second]) for c in classes}
+        seen = {(c["attributes"][first], c["attributes"][second]) for c in base}
+        assert seen == every  # every attribute value and every pair of values appears in some base class
+    for c in base:  # TAPO negatives and test MCQs need base look-alikes of every base class
+        near_base = [n for n in toy.lookalikes(c, classes) if n["base"]]
+        assert {k for n in near_base for k in ("shape", "colour", "pattern")
+                if n["attributes"][k] != c["attributes"][k]} == {"shape", "colour", "pattern"}
+
+
+def test_other_sizes():
+    classes = toy.make_world(3, 5, 4)
+    assert len(classes) == 60 and sum(c["base"] for c in classes) == 30
+    assert {c["id"] for c in classes if c["base"]} == splits.base_ids(60)
+    with pytest.raises(ValueError, match="2..6 shapes"):
+        toy.make_world(1, 4, 4)
+
+
+def _fill_hue(image):
+    """Median hue (degrees) of the strongly saturated pixels: the shape's fill. Backgrounds and inks
+    are grey-ish, and blending a fill with white or black ink changes its lightness, not its hue."""
+    pixels = np.asarray(image, dtype=np.float32).reshape(-1, 3) / 255
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
+    return np.median(hsv[hsv[:, 1] > 0.45, 0]) * 360
+
+
+def _hue(rgb):
+    return colorsys.rgb_to_hsv(*(np.array(rgb) / 255))[0] * 360
+
+
+def test_images_show_their_colour_and_vary_within_a_class():
+    classes = toy.make_world()
+    for c in classes:
+        images = [toy.render(c["attributes"], np.random.default_rng([7, c["id"], k])) for k in range(2)]
+        assert images[0].size == (56, 56) and images[0].mode == "RGB"
+        assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+        for image in images:
+            hue = _fill_hue(image)
+            nearest = min(toy.COLOURS, key=lambda name: min(abs(_hue(toy.COLOURS[name]) - hue),
+                                                            360 - abs(_hue(toy.COLOURS[name]) - hue)))
+            assert nearest == c["attributes"]["colour"], (c["name"], hue)
+
+
+def _edge_density(image):
+    """Share of neighbouring pixel pairs with a strong step: outlines only for a solid shape, many more
+    for a pattern (pixel noise alone never reaches the threshold)."""
+    x = np.asarray(image, dtype=int)
+    return ((np.abs(x[:, 1:] - x[:, :-1]).sum(-1) > 120).mean() + (np.abs(x[1:] - x[:-1]).sum(-1) > 120).mean()) / 2
+
+
+def test_patterns_are_visible():
+    for shape in toy.SHAPES[:4]:
+        for colour in list(toy.COLOURS)[:4]:
+            density = {}
+            for pattern in toy.PATTERNS[:4]:
+                attributes = {"shape": shape, "colour": colour, "pattern": pattern}
+                density[pattern] = np.mean([_edge_density(toy.render(attributes, np.random.default_rng([3, k])))
+                                            for k in range(3)])
+            assert min(density["striped"], density["dotted"], density["checked"]) > 2 * density["solid"], (shape, colour)
+
+
+def test_world_files_and_counts(world):
+    out, table, files = world
+    assert table["dataset"] == "toy" and table["domain"] == "shape" and len(table["classes"]) == 64
+    assert set(files) == {"train", "val", "test_base", "test_novel", "sft", "sft_cot", "pretrain", "triplets", "test_mcq"}
+    base, novel = set(class_names(table, "base")), set(class_names(table, "novel"))
+    assert Counter(r["label"] for r in files["train"]) == {name: 3 for name in base}
+    assert {r["label"] for r in files["val"]} == base
+    assert Counter(r["label"] for r in files["test_base"]) == {name: 2 for name in base}
+    assert Counter(r["label"] for r in files["test_novel"]) == {name: 2 for name in novel}
+    record = files["train"][0]
+    assert record["image"].startswith(str(out / "images")) and record["dataset"] == "toy"
+    assert record["parents"] == ["circle", "red circle"]
+    assert all(r["image"].endswith(".png") for r in files["test_novel"])
+
+
+def test_sft_targets(world):
+    _, _, files = world
+    assert [r["image"] for r in files["sft"]] == [r["image"] for r in files["train"]]
+    for r in files["sft"]:
+        shape, colour_shape = r["parents"]
+        colour = colour_shape.split()[0]
+        pattern = r["label"].split()[0]
+        assert r["question"] == open_question("toy")
+        assert r["target"] == (f"<think>shape: {shape}. colour: {colour}. pattern: {pattern}.</think>"
+                               f"<answer>{r['label']}</answer>")
+
+
+def test_cot_targets_follow_the_fine_r1_format(world):
+    _, table, files = world
+    base = set(class_names(table, "base"))
+    for r in files["sft_cot"]:
+        think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", r["target"], re.S).groups()
+        assert answer == r["label"]
+        assert re.search(r"^1\. Shape: .*\n2\. Colour: .*\n3\. Pattern: ", think, re.M)
+        candidates = re.search(r"Candidates: (.*)\.\n", think).group(1).split(", ")
+        assert r["label"] in candidates and 2 <= len(candidates) <= 4 and set(candidates) <= base
+        for name in candidates:
+            assert f"- {name}: " in think
+        assert think.endswith(f"Prediction: {r['label']}.")
+
+
+def test_pretrain_covers_all_classes_without_naming_them(world):
+    _, table, files = world
+    names = set(class_names(table))
+    pretrain = files["pretrain"]
+    assert {r["label"] for r in pretrain} == names  # novel classes too
+    assert Counter(r["task"] for r in pretrain) == {"shape": 128, "colour": 128, "pattern": 128, "mcq": 128}
+    test_images = {r["image"] for s in ("test_base", "test_novel") for r in files[s]}
+    train_images = {r["image"] for r in files["train"]}
+    assert not {r["image"] for r in pretrain} & (test_images | train_images)
+    by_class = {c["name"]: c["attributes"] for c in table["classes"]}
+    for r in pretrain:
+        answer = re.search(r"<answer>(.*)</answer>", r["target"]).group(1)
+        assert not any(name in r["target"] for name in names)  # no open-ended naming: novel names do not leak
+        if r["task"] == "mcq":
+            assert 3 <= len(r["options"]) <= 5 and r["label"] in r["options"]
+            assert answer == r["answer"] == LETTERS[r["options"].index(r["label"])]
+            assert r["question"] == mcq_question("toy", r["options"])
+        else:
+            assert answer == by_class[r["label"]][r["task"]]
+
+
+def test_triplets(world):
+    _, table, files = world
+    by_name = {c["name"]: c for c in table["classes"]}
+    train_label = {r["image"]: r["label"] for r in files["train"]}
+    assert len(files["triplets"]) == len(files["train"])
+    for r in files["triplets"]:
+        assert train_label[r["positive"]] == r["label"] and r["positive"] != r["image"]
+        assert train_label[r["negative"]] == r["negative_label"]
+        negative = by_name[r["negative_label"]]
+        assert negative["base"] and negative in toy.lookalikes(by_name[r["label"]], table["classes"])
+
+
+def test_test_mcq(world):
+    _, table, files = world
+    by_name = {c["name"]: c for c in table["classes"]}
+    assert [r["image"] for r in files["test_mcq"]] == [r["image"] for r in files["test_base"]]
+    letters = Counter()
+    for r in files["test_mcq"]:
+        options = r["options"]
+        assert len(options) == 5 and len(set(options)) == 5
+        assert options[LETTERS.index(r["answer"])] == r["label"]
+        assert r["question"] == mcq_question("toy", options)
+        others = [by_name[o] for o in options if o != r["label"]]
+        assert all(o in toy.lookalikes(by_name[r["label"]], table["classes"]) for o in others)
+        assert sum(o["base"] for o in others) == 3  # all 3 base look-alikes, then a novel one
+        letters[r["answer"]] += 1
+    assert len(letters) == 5  # the true option is not always in the same place
+
+
+def test_same_seed_same_bytes(tmp_path):
+    sizes = dict(n_shapes=2, n_colours=2, n_patterns=2, train_per_class=2, val_per_class=1, test_per_class=1,
+                 pretrain_per_class=1)
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        toy.generate(str(tmp_path / name), seed=seed, **sizes)
+    names = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".jsonl") or f == "classes.json")
+    assert len(names) == 10
+    for f in names:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    image = "images/train/00_solid_red_circle_000.png"
+    assert (tmp_path / "a" / image).read_bytes() == (tmp_path / "b" / image).read_bytes()
+    assert (tmp_path / "a" / image).read_bytes() != (tmp_path / "c" / image).read_bytes()
+
+
+def test_prepare_toy_command(tmp_path, capsys):
+    from data import prepare
+    prepare.main(["toy", "--out", str(tmp_path / "toy"), "--shapes", "2", "--colours", "3", "--patterns", "2",
+                  "--size", "32", "--train-per-class", "2", "--test-per-class", "1", "--pretrain-per-class", "1",
+                  "--check"])
+    out = capsys.readouterr().out
+    assert "toy: 12 classes (6 base, 6 novel)" in out and "every image opened" in out
+    train = read_records(tmp_path / "toy" / "train.jsonl")
+    assert len(train) == 12
+    from data.records import load_image
+    assert load_image(train[0]["image"]).size == (32, 32)
+    with pytest.raises(ValueError, match="at most 112"):
+        toy.generate(str(tmp_path / "big"), size=128)
