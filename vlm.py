@@ -238,6 +238,19 @@ class PromptBatch:
                            self.mm_token_type_ids.repeat_interleave(g, 0),
                            self.position_ids.repeat_interleave(g, 1), pixels, grids)
 
+    def select(self, rows):
+        """The given rows (a list of indices, repeats allowed), without the left padding they all share."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        pixels, grids = self.pixel_values, self.image_grid_thw
+        if pixels is not None:
+            chunks = pixels.split(grids.prod(-1).tolist())
+            pixels, grids = torch.cat([chunks[i] for i in idx.tolist()]), grids[idx.to(grids.device)]
+        idx = idx.to(self.input_ids.device)
+        mask = self.attention_mask[idx]
+        start = int((mask.sum(0) > 0).long().argmax())  # first column some row uses
+        return PromptBatch(self.input_ids[idx, start:], mask[:, start:], self.mm_token_type_ids[idx, start:],
+                           self.position_ids[:, idx, start:], pixels, grids)
+
     def next_positions(self):
         """(3, P) position of the first generated token: the prompt's last position + 1."""
         return self.position_ids[:, :, -1] + 1

@@ -59,3 +59,38 @@ def squares(tmp_path_factory):
     model_dir = str(root / "tiny")
     vlm.build_tiny_model(model_dir, seed=0, corpus=[r["target"] for r in records] + [records[0]["question"]])
     return root, str(root / "train.jsonl"), model_dir
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 2x2x2 toy world (8 classes, 4 base) with MCQ records on its train images, and a tiny model
+    (peaked weights, BPE trained on the world's texts). Returns (folder, model folder)."""
+    import json
+    import random
+    import vlm
+    from data import toy
+    from data.records import read_records, write_records
+    from data.prompts import mcq_question
+    root = tmp_path_factory.mktemp("world")
+    toy.generate(str(root), seed=0, n_shapes=2, n_colours=2, n_patterns=2, train_per_class=3, val_per_class=1,
+                 test_per_class=2, pretrain_per_class=1)
+    names = [c["name"] for c in json.load(open(root / "classes.json"))["classes"]]
+    rng = random.Random(0)
+    mcq = []
+    for r in read_records(str(root / "train.jsonl")):
+        options = rng.sample([n for n in names if n != r["label"]], 2) + [r["label"]]
+        rng.shuffle(options)
+        mcq.append(dict(r, options=options, answer="ABC"[options.index(r["label"])]))
+    write_records(str(root / "mcq.jsonl"), mcq)
+    # a short SFT on the MCQs so that sampled answers are sometimes right and rewards vary within groups
+    sft_rows = [dict(m, question=mcq_question("toy", m["options"]),
+                     target=f"<think>{m['label']}</think><answer>{m['answer']}</answer>") for m in mcq]
+    write_records(str(root / "mcq_sft.jsonl"), sft_rows)
+    corpus = [json.loads(line).get("target", "") for line in open(root / "sft.jsonl")]
+    corpus += [r["question"] + " " + r["target"] for r in sft_rows] + names
+    vlm.build_tiny_model(str(root / "base"), seed=0, corpus=corpus)
+    import sft
+    sft.main(["--model", str(root / "base"), "--data", str(root / "mcq_sft.jsonl"), "--out", str(root / "sft"),
+              "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3", "--max_steps", "40", "--schedule", "constant",
+              "--device", "cpu", "--no_check_images"])
+    return root, str(root / "sft" / "final")
