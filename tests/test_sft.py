@@ -67,13 +67,16 @@ def weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-def test_two_processes_equal_one(squares, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(squares, tmp_path, mode):
+    """gloo on CPU: DDP, and FSDP2 (sharded parameters, gradients and optimizer state)."""
     _, data, model_dir = squares
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     sft.main(["--model", model_dir, "--data", data, "--out", one] + COMMON)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    flags = ["--fsdp", "--save_every", "3"] if mode == "fsdp" else []
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(ROOT, "sft.py"), "--model", model_dir, "--data", data, "--out", two] + COMMON,
+                    os.path.join(ROOT, "sft.py"), "--model", model_dir, "--data", data, "--out", two] + COMMON + flags,
                    check=True, env=env, cwd=ROOT, capture_output=True)
     a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
     start = weights(model_dir)

@@ -1,0 +1,469 @@
+"""evaluate.py — score a model on prepared records: predictions as JSONL, metrics as JSON, a table.
+
+Modes (`--mode`, several allowed in one run so the model is loaded once):
+  open        open-ended question, optionally listing class names (`--class_list`); accuracy = normalised
+              exact match with the label or an alias (reward.is_correct); text inclusion (label substring
+              of the answer) is reported beside it for comparison with published tables only.
+  open_world  SpeciaRL's prompt (no list, "None" abstains); each answer gets a specificity category from
+              reward.TaxonomyVerifier built from classes.json, or from an LLM judge (`--verifier_model`,
+              verdicts cached in SQLite). Correctness = share of items neither wrong nor abstaining (no
+              answer counts as not correct); Specificity = share of the correct ones that are specific
+              or more specific; spec_hm = their harmonic mean (methods.md section 6).
+  mcq         closed-world: records carry `options` and `answer` (toy test_mcq.jsonl, or mine_topk.py).
+  two_step    DiVE-k's two-step inference: sample N answers with the split's class list (mine_topk's
+              candidate step), take the top-k valid names by frequency as options (no ground-truth
+              insertion), ask the MCQ greedily; the chosen option is the prediction, judged by is_correct.
+              An image with a single valid candidate takes it as the prediction without an MCQ
+              (`fallback: "single"`); one with none has no prediction and counts as wrong ("none"), as
+              does an MCQ answer that names no single option.
+
+Decoding is greedy, batched through vlm.sample_completions. Base/novel membership comes from the class
+table's `base` flag of each record's label. Per dataset (record `dataset` field): acc, and when the
+dataset has novel classes base_acc, novel_acc and hm = 2BN/(B+N) (0 when B+N = 0; null when a side has
+no items). Few-shot tables (all classes base) report plain acc. The mean over datasets averages each
+rate; its hm is the HM of the mean base and mean novel accuracies (CoCoOp's convention), likewise
+hm_inclusion and spec_hm. Images that fail to load are recorded as skipped, counted in `skipped`, and
+left out of every rate.
+
+    python evaluate.py --model out/grpo --data data/toy/test_base.jsonl data/toy/test_novel.jsonl \
+        --classes data/toy/classes.json --mode open mcq --out out/eval/grpo
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model out/grpo ...   (same flags)
+    python evaluate.py --compare out/eval/sft out/eval/grpo          # one table from prediction files
+    python evaluate.py --plot out/grpo/log.jsonl --plot_out curves.png  # needs matplotlib (optional)
+
+Outputs in --out, per mode: predictions_<mode>.jsonl, one row per record in --data order: key (index in
+its file), file, mode, model, image, label, dataset, base, completion, answer (parsed), prediction,
+correct, inclusion, format, [category], [options, choice, target], [candidates, fallback], or `skipped`.
+metrics_<mode>.json:
+    {"mode": "open", "per_dataset": {"cub": {"n", "skipped", "acc", "inclusion", "format",
+        "base_n", "novel_n", "base_acc", "novel_acc", "hm", "base_inclusion", "novel_inclusion",
+        "hm_inclusion", [open_world: "correctness", "specificity", "spec_hm", "unjudged", "cat_<c>"]}},
+     "mean": {same keys, + "datasets"}}
+with every rate a fraction in [0, 1] (the table prints percentages).
+
+Resume: each (data file, mode) keeps per-rank shards keyed by record index (vlm.ResumableShards);
+rerunning the same command skips finished images. Data-parallel results are merged in key order; with
+`--batch_size 1` they are byte-for-byte those of one process (larger batches pad rows differently).
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+import vlm
+from data.prompts import mcq_question, open_question, open_world_question
+from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records
+from mine_topk import build_mcq, listed_classes, mcq_rng, sample_candidates
+from reward import (CATEGORIES, LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct,
+                    mcq_choice, mcq_correct, open_world_metrics, specificity_categories, text_inclusion)
+
+MODES = ("open", "open_world", "mcq", "two_step")
+COUNT_KEYS = ("n", "skipped", "base_n", "novel_n", "unjudged")
+
+# ----------------------------------------------------------------------------------------------------
+# metrics: pure functions of the prediction rows
+
+
+def harmonic_mean(a, b):
+    """2ab / (a + b); 0 when a + b == 0; None when either side is missing."""
+    if a is None or b is None:
+        return None
+    return 2 * a * b / (a + b) if a + b else 0.0
+
+
+class ClassIndex:
+    """A record's class entry in the class table (per dataset for a mixed-domain table)."""
+
+    def __init__(self, table):
+        self.table, self.cache = table, {}
+
+    def entries(self, dataset):
+        if dataset not in self.cache:
+            self.cache[dataset] = {c["name"]: c for c in classes_of(self.table, dataset)}
+        return self.cache[dataset]
+
+    def is_base(self, record):
+        entry = self.entries(record.get("dataset")).get(record["label"])
+        return bool(entry.get("base", True)) if entry is not None else True
+
+    def has_novel(self, dataset):
+        return any(not c.get("base", True) for c in self.entries(dataset).values())
+
+
+def _rate(flags):
+    flags = [bool(f) for f in flags if f is not None]
+    return sum(flags) / len(flags) if flags else None
+
+
+def compute_metrics(predictions, table=None):
+    """Metrics dict (schema in the module docstring) from prediction rows. Base/novel membership from
+    `table` (classes.json) when given, else from the rows' `base` field."""
+    index = ClassIndex(table) if table is not None else None
+    is_base = (lambda r: index.is_base(r)) if index else (lambda r: r.get("base", True))
+    groups = defaultdict(list)
+    for row in predictions:
+        groups[row.get("dataset") or ""].append(row)
+    per = {}
+    for ds in sorted(groups):
+        rows = groups[ds]
+        done = [r for r in rows if "skipped" not in r]
+        m = {"n": len(done), "skipped": len(rows) - len(done), "acc": _rate(r["correct"] for r in done),
+             "inclusion": _rate(r["inclusion"] for r in done), "format": _rate(r.get("format") for r in done)}
+        if (index.has_novel(ds) if index else any(not is_base(r) for r in rows)):
+            base, novel = [r for r in done if is_base(r)], [r for r in done if not is_base(r)]
+            m["base_n"], m["novel_n"] = len(base), len(novel)
+            for key, short in (("correct", "acc"), ("inclusion", "inclusion")):
+                b, n = _rate(r[key] for r in base), _rate(r[key] for r in novel)
+                m[f"base_{short}"], m[f"novel_{short}"] = b, n
+                m["hm" if short == "acc" else "hm_inclusion"] = harmonic_mean(b, n)
+        if any("category" in r for r in done):  # open_world
+            cats = [r.get("category") for r in done]
+            ow = open_world_metrics(cats)
+            m.update(correctness=ow["correctness"], specificity=ow["specificity"], spec_hm=ow["hm"],
+                     unjudged=ow["unjudged"])
+            for c in CATEGORIES + (None,):
+                m[f"cat_{c or 'no_answer'}"] = sum(x == c for x in cats) / len(cats) if cats else None
+        per[ds] = m
+    mean = {"datasets": len(per)}
+    for key in dict.fromkeys(k for m in per.values() for k in m):
+        values = [m[key] for m in per.values() if m.get(key) is not None]
+        mean[key] = sum(values) if key in COUNT_KEYS else (sum(values) / len(values) if values else None)
+    for hm, a, b in (("hm", "base_acc", "novel_acc"), ("hm_inclusion", "base_inclusion", "novel_inclusion"),
+                     ("spec_hm", "correctness", "specificity")):
+        if hm in mean:
+            mean[hm] = harmonic_mean(mean.get(a), mean.get(b))
+    modes = sorted({r.get("mode") for r in predictions if r.get("mode")})
+    return {"mode": modes[0] if len(modes) == 1 else "+".join(modes) or None, "per_dataset": per, "mean": mean}
+
+
+TABLE_COLUMNS = [("n", "n"), ("skipped", "skip"), ("acc", "acc"), ("inclusion", "incl"), ("base_acc", "base"),
+                 ("novel_acc", "novel"), ("hm", "HM"), ("hm_inclusion", "HM-incl"), ("correctness", "corr"),
+                 ("specificity", "spec"), ("spec_hm", "spec-HM")]
+
+
+def format_table(metrics_list, names):
+    """One text table: a line per (run, dataset), + the mean when a run has several datasets. Rates in %."""
+    lines = []
+    for metrics, name in zip(metrics_list, names):
+        per = metrics["per_dataset"]
+        items = list(per.items()) + ([("mean", metrics["mean"])] if len(per) > 1 else [])
+        lines += [(name, metrics.get("mode") or "", ds, m) for ds, m in items]
+    cols = [(k, h) for k, h in TABLE_COLUMNS if any(m.get(k) is not None for *_, m in lines)]
+    header = ["run", "mode", "dataset"] + [h for _, h in cols]
+    body = []
+    for name, mode, ds, m in lines:
+        cells = []
+        for k, _ in cols:
+            v = m.get(k)
+            cells.append("-" if v is None else str(int(v)) if k in COUNT_KEYS else f"{100 * v:.2f}")
+        body.append([str(name), mode, ds] + cells)
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
+# ----------------------------------------------------------------------------------------------------
+# prediction
+
+
+def greedy(model, processor, images, questions, args, device):
+    batch = processor.encode(images, questions).to(device)
+    roll = vlm.sample_completions(model, batch, max_new_tokens=args.max_new_tokens, greedy=True,
+                                  eos_token_ids=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
+    return processor.decode(roll.completion_ids, roll.completion_mask)
+
+
+def class_list_for(mode, args, table, index):
+    """record -> listed class entries. two_step always lists classes: 'none' (or no flag) means 'split',
+    the base names for a base-class image and the novel names for a novel one."""
+    which = args.class_list or ("split" if mode == "two_step" else "none")
+    if mode == "two_step" and which == "none":
+        which = "split"
+    if which == "split":
+        return lambda r: listed_classes(table, r.get("dataset"), "base" if index.is_base(r) else "novel")
+    return lambda r: listed_classes(table, r.get("dataset"), which)
+
+
+def judge(rows, records, verifier_for):
+    """Specificity category of each answered row, one verifier call per dataset in the batch."""
+    by_ds = defaultdict(list)
+    for row, rec in zip(rows, records):
+        by_ds[rec.get("dataset", "")].append((row, rec))
+    for ds, pairs in by_ds.items():
+        cats = specificity_categories([row["answer"] for row, _ in pairs], [rec for _, rec in pairs], verifier_for(ds))
+        for (row, _), c in zip(pairs, cats):
+            row["category"] = c
+
+
+def fill_choice(row, text, options):
+    """An MCQ answer: the chosen option's text is the prediction."""
+    row.update(completion=text, answer=extract_answer(text), format=format_ok(text), options=options)
+    choice = mcq_choice(row["answer"], options)
+    row["choice"] = LETTERS[choice] if choice is not None else None
+    row["prediction"] = options[choice] if choice is not None else None
+
+
+def predict_batch(mode, records, idx, ctx):
+    """Prediction rows for records[idx] in `mode` (ctx: model, processor, args, table, index, ...)."""
+    args, index, device = ctx["args"], ctx["index"], ctx["device"]
+    rows, ok, images = [], [], []
+    for i in idx:
+        rec = records[i]
+        row = {"key": i, "file": ctx["file"], "mode": mode, "model": args.model, "image": rec["image"],
+               "label": rec["label"], "dataset": rec.get("dataset", ""), "base": index.is_base(rec)}
+        try:
+            images.append(load_image(rec["image"]))
+            ok.append((i, row))
+        except ImageError as e:
+            row["skipped"] = str(e)  # counted in the metrics, never fatal
+        rows.append(row)
+    if not ok:
+        return rows
+    recs = [records[i] for i, _ in ok]
+    listed = ctx["listed"][mode]
+    if mode == "two_step":
+        counts = sample_candidates(ctx["model"], ctx["processor"], recs, listed, n=args.num_samples,
+                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                   seed=args.seed, batch_prompts=len(ok), device=device, indices=[i for i, _ in ok])
+        asks = []
+        for (i, row), rec, image, c in zip(ok, recs, images, counts):
+            c = c if c is not None else Counter()  # (the image was readable a moment ago: practically never)
+            options, _ = build_mcq(c, None, k=args.k, rng=mcq_rng(args.seed, i), skip_trivial=False,
+                                   insert_gt=False, n_random=0)
+            row.update(candidates=dict(c.most_common()), fallback=None, completion=None, answer=None, format=None,
+                       options=options, choice=None)
+            if options is not None:
+                asks.append((row, rec, image, options))
+            else:  # fewer than 2 valid candidates: nothing to choose between
+                row["fallback"] = "single" if len(c) == 1 else "none"
+                row["prediction"] = next(iter(c)) if len(c) == 1 else None
+        if asks:
+            texts = greedy(ctx["model"], ctx["processor"], [a[2] for a in asks],
+                           [mcq_question(rec.get("dataset", ""), opts) for _, rec, _, opts in asks], args, device)
+            for (row, rec, _, options), text in zip(asks, texts):
+                fill_choice(row, text, options)
+        for (_, row), rec in zip(ok, recs):
+            row["correct"] = is_correct(row["prediction"], rec)
+            row["inclusion"] = text_inclusion(row["prediction"], rec)
+        return rows
+    if mode == "open":
+        questions = [open_question(r.get("dataset", ""), [c["name"] for c in listed(r)] or None) for r in recs]
+    elif mode == "open_world":
+        questions = [open_world_question(r.get("dataset", "")) for r in recs]
+    else:
+        questions = [mcq_question(r.get("dataset", ""), r["options"]) for r in recs]
+    texts = greedy(ctx["model"], ctx["processor"], images, questions, args, device)
+    for (_, row), rec, text in zip(ok, recs, texts):
+        if mode == "mcq":
+            fill_choice(row, text, rec["options"])
+            row["target"] = rec["answer"]
+            row["correct"] = mcq_correct(row["answer"], rec)
+        else:
+            row.update(completion=text, answer=extract_answer(text), format=format_ok(text))
+            row["prediction"] = row["answer"]
+            row["correct"] = is_correct(row["answer"], rec)
+        row["inclusion"] = text_inclusion(row["prediction"], rec)
+    if mode == "open_world":
+        judge([row for _, row in ok], recs, ctx["verifier_for"])
+    return rows
+
+
+def make_verifier_for(args, table, d):
+    """dataset -> verifier: the taxonomy verifier of its class table, or the LLM judge falling back to it."""
+    generate, cache = None, {}
+    if args.verifier_model:
+        vmodel = vlm.load_model(args.verifier_model, d.device, args.dtype)
+        generate = vlm.text_generator(vmodel, vlm.Processor.from_pretrained(args.verifier_model))
+
+    def verifier_for(ds):
+        if ds not in cache:
+            part = (table.get("parts") or {}).get(ds)
+            taxonomy = TaxonomyVerifier(part or {"domain": table.get("domain"), "classes": classes_of(table, ds)})
+            path = args.verifier_cache or os.path.join(args.out, "verifier_cache.sqlite")
+            cache[ds] = LLMVerifier(generate, path, fallback=taxonomy) if generate else taxonomy
+        return cache[ds]
+    return verifier_for
+
+
+# ----------------------------------------------------------------------------------------------------
+# --compare and --plot
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # blank or crash-cut line
+                pass
+    return rows
+
+
+def write_jsonl(path, rows):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def compare(paths, table=None):
+    """Metrics recomputed from prediction files (or folders of predictions_*.jsonl), as one table."""
+    metrics, names = [], []
+    for path in paths:
+        files = sorted(glob.glob(os.path.join(path, "predictions_*.jsonl"))) if os.path.isdir(path) else [path]
+        if not files:
+            raise SystemExit(f"{path}: no predictions_*.jsonl found")
+        for f in files:
+            by_mode = defaultdict(list)
+            for row in read_jsonl(f):
+                by_mode[row.get("mode")].append(row)
+            for rows in by_mode.values():
+                metrics.append(compute_metrics(rows, table))
+                names.append(path)
+    return format_table(metrics, names)
+
+
+PLOT_KEYS = ("reward_mean", "reward", "loss", "accuracy", "kl", "entropy", "completion_length")
+
+
+def plot_curves(logs, out, keys=None):
+    """Training curves (y = keys, x = step) from JSONL logs as a PNG. Returns the path, or None without
+    matplotlib (an optional extra: never required)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot written")
+        return None
+    series = {log: read_jsonl(log) for log in logs}
+    present = lambda k: any(isinstance(r.get(k), (int, float)) for rows in series.values() for r in rows)
+    numeric = [k for rows in series.values() for r in rows for k, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")]
+    keys = keys or [k for k in PLOT_KEYS if present(k)] or list(dict.fromkeys(numeric))[:6]
+    if not keys:
+        print(f"no numeric keys to plot in {logs}")
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        for log, rows in series.items():
+            points = [(r.get("step", j), r[key]) for j, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=os.path.basename(os.path.dirname(os.path.abspath(log))) or log)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder or Hub id to evaluate")
+    ap.add_argument("--data", nargs="+", help="records JSONL file(s), e.g. test_base.jsonl test_novel.jsonl")
+    ap.add_argument("--classes", help="classes.json (base flags, aliases, hierarchy)")
+    ap.add_argument("--out", help="output folder: predictions_<mode>.jsonl, metrics_<mode>.json")
+    ap.add_argument("--mode", nargs="+", default=["open"], choices=MODES, help="one or more evaluation modes")
+    ap.add_argument("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
+                    help="class names listed in open / two_step prompts (split = the image's base or novel "
+                         "list); default none for open, split for two_step")
+    ap.add_argument("--batch_size", type=int, default=8, help="images per sampler call")
+    ap.add_argument("--max_new_tokens", type=int, default=512, help="completion length limit")
+    ap.add_argument("--num_samples", type=int, default=20, help="two_step: answers sampled per image")
+    ap.add_argument("--k", type=int, default=5, help="two_step: options (most frequent valid answers)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="two_step: candidate sampling temperature")
+    ap.add_argument("--top_p", type=float, default=0.95, help="two_step: candidate sampling nucleus mass")
+    ap.add_argument("--seed", type=int, default=0, help="two_step: candidate sampling and option shuffle seed")
+    ap.add_argument("--verifier_model", default=None, help="open_world: local text model as LLM judge")
+    ap.add_argument("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N records of each file (0 = all)")
+    ap.add_argument("--skip_bad", action="store_true", help="drop malformed records instead of stopping")
+    ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--max_pixels", type=int, default=vlm.DEFAULT_MAX_PIXELS, help="image size cap (pixels)")
+    ap.add_argument("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
+    ap.add_argument("--plot", nargs="+", metavar="LOG", help="plot training curves from JSONL logs")
+    ap.add_argument("--plot_out", default="curves.png", help="PNG written by --plot")
+    ap.add_argument("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
+    args = ap.parse_args(argv)
+    if not (args.compare or args.plot) and not all([args.model, args.data, args.classes, args.out]):
+        ap.error("--model, --data, --classes and --out are required (or use --compare / --plot)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        print(compare(args.compare, load_classes(args.classes) if args.classes else None))
+        return
+    if args.plot:
+        plot_curves(args.plot, args.plot_out, args.plot_keys)
+        return
+    d = vlm.init_distributed(args.device)
+    table = load_classes(args.classes)
+    index = ClassIndex(table)
+    known = set(class_names(table, "all"))
+    files = []
+    for path in args.data:
+        records = read_records(path, skip_bad=args.skip_bad, known_labels=known)
+        files.append((path, records[:args.limit] if args.limit else records))
+    if "mcq" in args.mode:
+        bad = [p for p, recs in files if any("options" not in r or "answer" not in r for r in recs)]
+        if bad:
+            raise SystemExit(f"--mode mcq needs records with 'options' and 'answer': {bad}")
+    model = vlm.load_model(args.model, d.device, args.dtype)
+    processor = vlm.Processor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,
+           "listed": {m: class_list_for(m, args, table, index) for m in MODES},
+           "verifier_for": make_verifier_for(args, table, d) if "open_world" in args.mode else None}
+    os.makedirs(args.out, exist_ok=True)
+    for mode in args.mode:
+        t0, parts = time.time(), []
+        for path, records in files:
+            tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+            stem = os.path.splitext(os.path.basename(path))[0]
+            shards = vlm.ResumableShards(os.path.join(args.out, "parts", f"{mode}.{stem}.{tag}.jsonl"), d)
+            other = {r.get("model") for r in shards.rows} - {args.model}
+            if other:
+                raise SystemExit(f"{args.out} holds unfinished {mode} predictions of another model {other}: "
+                                 "use another --out or delete its parts/ folder")
+            pending = [i for i in vlm.shard(list(range(len(records))), d) if i not in shards.done]
+            vlm.print0(f"[{mode}] {path}: {len(records)} images, {len(shards.done)} done, "
+                       f"{len(pending)} to do on rank 0")
+            ctx["file"] = stem
+            for s in range(0, len(pending), args.batch_size):
+                shards.append(predict_batch(mode, records, pending[s:s + args.batch_size], ctx))
+            parts.append(shards)
+        rows = [row for shards in parts for row in shards.merge()]  # merge only once every file is done
+        if d.is_main:
+            write_jsonl(os.path.join(args.out, f"predictions_{mode}.jsonl"), rows)
+            for shards in parts:
+                os.remove(shards.path)
+            if not os.listdir(os.path.join(args.out, "parts")):
+                os.rmdir(os.path.join(args.out, "parts"))
+            metrics = compute_metrics(rows, table)
+            with open(os.path.join(args.out, f"metrics_{mode}.json"), "w", encoding="utf-8") as f:
+                json.dump(metrics, f, indent=1)
+            print(format_table([metrics], [os.path.basename(os.path.normpath(args.out))]))
+            print(f"[{mode}] {len(rows)} predictions in {time.time() - t0:.1f}s -> {args.out}")
+        vlm.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""evaluate.py: metrics on hand-made predictions (exact numbers), every mode on the tiny model, resume,
+2 ranks equal to 1, --compare and --plot."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate as E
+import vlm
+from data.records import load_classes, read_records
+from reward import TaxonomyVerifier, extract_answer
+from test_mine_topk import fake_decode, make_world, run_script
+
+# a mixed-domain table: "toy" is base-to-novel (c, d novel), "fs" is few-shot (every class base)
+TABLE = {"dataset": "mix", "domain": "shape", "classes": [], "parts": {
+    "toy": {"dataset": "toy", "domain": "shape", "classes": [
+        {"id": 0, "name": "a", "base": True}, {"id": 1, "name": "b", "base": True},
+        {"id": 2, "name": "c", "base": False}, {"id": 3, "name": "d", "base": False}]},
+    "fs": {"dataset": "fs", "domain": "shape", "classes": [
+        {"id": 0, "name": "p", "base": True}, {"id": 1, "name": "q", "base": True}]}}}
+
+
+
+
+def P(dataset, label, correct, inclusion=None, **extra):
+    return {"mode": "open", "dataset": dataset, "label": label, "correct": bool(correct),
+            "inclusion": bool(correct if inclusion is None else inclusion), "format": True, **extra}
+
+
+HAND = [P("toy", "a", 1), P("toy", "a", 1), P("toy", "b", 1), P("toy", "b", 0, inclusion=1),
+        P("toy", "c", 1), P("toy", "d", 0), {"mode": "open", "dataset": "toy", "label": "d", "skipped": "image: gone"},
+        P("fs", "p", 1), P("fs", "p", 0), P("fs", "q", 0), P("fs", "q", 0)]
+
+
+def test_harmonic_mean():
+    assert E.harmonic_mean(0.75, 0.5) == pytest.approx(0.6)
+    assert E.harmonic_mean(0.0, 0.0) == 0.0 and E.harmonic_mean(1.0, 0.0) == 0.0
+    assert E.harmonic_mean(None, 0.5) is None
+
+
+def test_base_novel_hm_per_dataset_and_mean():
+    m = E.compute_metrics(HAND, TABLE)
+    toy, fs = m["per_dataset"]["toy"], m["per_dataset"]["fs"]
+    assert m["mode"] == "open"
+    assert (toy["n"], toy["skipped"], toy["base_n"], toy["novel_n"]) == (6, 1, 4, 2)
+    assert toy["base_acc"] == 0.75 and toy["novel_acc"] == 0.5 and toy["hm"] == pytest.approx(0.6)
+    assert toy["acc"] == pytest.approx(4 / 6) and toy["inclusion"] == pytest.approx(5 / 6)
+    assert toy["base_inclusion"] == 1.0 and toy["hm_inclusion"] == pytest.approx(2 / 3)
+    # few-shot: every class is base, so plain accuracy only
+    assert fs["acc"] == 0.25 and fs["n"] == 4 and "hm" not in fs and "base_acc" not in fs
+    mean = m["mean"]
+    assert mean["datasets"] == 2 and mean["n"] == 10 and mean["skipped"] == 1
+    assert mean["acc"] == pytest.approx((4 / 6 + 0.25) / 2)
+    assert mean["base_acc"] == 0.75 and mean["novel_acc"] == 0.5 and mean["hm"] == pytest.approx(0.6)
+    # membership comes from the table, not from the rows' own flags
+    lying = [dict(r, base=not r.get("base", True)) for r in HAND]
+    assert E.compute_metrics(lying, TABLE) == m
+    # without a table, the rows' flags decide
+    flagged = [dict(r, base=r["label"] in "abpq") for r in HAND]
+    assert E.compute_metrics(flagged)["per_dataset"]["toy"]["hm"] == pytest.approx(0.6)
+    assert "hm" not in E.compute_metrics(flagged)["per_dataset"]["fs"]
+
+
+def test_open_world_correctness_specificity_hm():
+    cats = ["specific", "more_specific", "less_specific", "generic", "abstain", "wrong", None, "specific",
+            "unjudged"]
+    rows = [dict(P("toy", "a", c in ("specific", "more_specific")), mode="open_world", category=c) for c in cats]
+    rows += [dict(P("fs", "p", 1), mode="open_world", category="specific"),
+             dict(P("fs", "q", 0), mode="open_world", category="wrong")]
+    m = E.compute_metrics(rows, TABLE)
+    toy, fs = m["per_dataset"]["toy"], m["per_dataset"]["fs"]
+    # 8 judged (1 unjudged left out); correct = 2 specific + more + less + generic = 5; specific-or-more = 3
+    assert toy["correctness"] == 5 / 8 and toy["specificity"] == 3 / 5 and toy["unjudged"] == 1
+    assert toy["spec_hm"] == pytest.approx(2 * 0.625 * 0.6 / 1.225)
+    assert toy["cat_no_answer"] == pytest.approx(1 / 9) and toy["cat_specific"] == pytest.approx(2 / 9)
+    assert fs["correctness"] == 0.5 and fs["specificity"] == 1.0 and fs["spec_hm"] == pytest.approx(2 / 3)
+    mean = m["mean"]
+    assert mean["correctness"] == pytest.approx(0.5625) and mean["specificity"] == pytest.approx(0.8)
+    assert mean["spec_hm"] == pytest.approx(2 * 0.5625 * 0.8 / 1.3625)
+
+
+def test_format_table():
+    a, b = E.compute_metrics(HAND, TABLE), E.compute_metrics(HAND[:6], TABLE)
+    text = E.format_table([a, b], ["before", "after"])
+    lines = text.splitlines()
+    assert lines[0].split()[:5] == ["run", "mode", "dataset", "n", "skip"] and "HM" in lines[0].split()
+    rows = [line.split() for line in lines[2:]]
+    assert [r[:3] for r in rows] == [["before", "open", "fs"], ["before", "open", "toy"], ["before", "open", "mean"],
+                                     ["after", "open", "toy"]]
+    head = lines[0].split()
+    toy = dict(zip(head, rows[1]))
+    assert toy["base"] == "75.00" and toy["novel"] == "50.00" and toy["HM"] == "60.00" and toy["skip"] == "1"
+    assert dict(zip(head, rows[0]))["HM"] == "-"  # few-shot dataset: no HM
+
+
+# ----------------------------------------------------------------------------------------------------
+# the tiny model, end to end
+
+@pytest.fixture
+def world(tmp_path, tiny_dir):
+    folder = make_world(tmp_path / "world", n_train=3, corrupt=False)
+    bad = read_records(os.path.join(folder, "test_novel.jsonl"))[1]["image"]
+    with open(bad, "wb") as f:  # one unreadable test image
+        f.write(b"\x89PNG truncated")
+    return {"dir": folder, "model": tiny_dir}
+
+
+def eval_args(world, out, *modes, extra=()):
+    d = world["dir"]
+    return ["--model", world["model"],
+            "--data", os.path.join(d, "test_base.jsonl"), os.path.join(d, "test_novel.jsonl"),
+            "--classes", os.path.join(d, "classes.json"), "--out", out, "--mode", *modes, "--max_new_tokens", "6",
+            "--num_samples", "8", "--batch_size", "2", *extra]
+
+
+def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
+    out = str(tmp_path / "eval")
+    E.main(eval_args(world, out, "open", "open_world", "mcq", "two_step"))
+    table = load_classes(os.path.join(world["dir"], "classes.json"))
+    records = (read_records(os.path.join(world["dir"], "test_base.jsonl"))
+               + read_records(os.path.join(world["dir"], "test_novel.jsonl")))
+    taxonomy = TaxonomyVerifier(table)
+    for mode in E.MODES:
+        rows = [json.loads(line) for line in open(os.path.join(out, f"predictions_{mode}.jsonl"))]
+        metrics = json.load(open(os.path.join(out, f"metrics_{mode}.json")))
+        assert metrics == json.loads(json.dumps(E.compute_metrics(rows, table)))
+        assert [(r["file"], r["key"]) for r in rows] == [(f, i) for f in ("test_base", "test_novel") for i in range(3)]
+        assert [r["image"] for r in rows] == [r["image"] for r in records]
+        assert [r["base"] for r in rows] == [True] * 3 + [False] * 3
+        assert sum("skipped" in r for r in rows) == 1 and "skipped" in rows[4]
+        toy = metrics["per_dataset"]["toy"]
+        assert toy["n"] == 5 and toy["skipped"] == 1 and (toy["base_n"], toy["novel_n"]) == (3, 2)
+        for row, rec in zip(rows, records):
+            if "skipped" in row:
+                continue
+            if mode in ("open", "open_world"):
+                assert row["answer"] == extract_answer(row["completion"]) and row["prediction"] == row["answer"]
+            if mode == "open_world":
+                assert row["category"] == taxonomy.categorize(rec, row["answer"])
+            if mode == "mcq":
+                assert row["target"] == "A" and row["options"] == rec["options"]
+                assert row["correct"] == (row["choice"] == "A")
+            if mode == "two_step":
+                assert all(name in [c["name"] for c in table["classes"] if c["base"] == row["base"]]
+                           for name in row["candidates"])  # the split's class list
+                if row["fallback"] is None:
+                    assert sorted(row["options"]) == sorted(row["candidates"])  # <= 3 names per split here
+                    assert row["prediction"] is None or row["prediction"] in row["options"]
+                else:
+                    assert len(row["candidates"]) == {"single": 1, "none": 0}[row["fallback"]]
+                assert row["correct"] == (row["prediction"] == rec["label"])
+    assert any(r["fallback"] is None for r in map(json.loads, open(os.path.join(out, "predictions_two_step.jsonl")))
+               if "skipped" not in r)
+    printed = capsys.readouterr().out
+    assert "spec-HM" in printed and "HM" in printed
+    assert not os.path.exists(os.path.join(out, "parts"))
+
+    # the LLM judge path: the tiny "judge" never answers a label, so every verdict falls back to the taxonomy
+    E.main(eval_args(world, str(tmp_path / "llm"), "open_world", extra=["--verifier_model", world["model"]]))
+    assert os.path.exists(tmp_path / "llm" / "verifier_cache.sqlite")
+    llm = [json.loads(line) for line in open(tmp_path / "llm" / "predictions_open_world.jsonl")]
+    assert [r.get("category") for r in llm] == [
+        json.loads(line).get("category") for line in open(os.path.join(out, "predictions_open_world.jsonl"))]
+
+
+def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
+    real, calls, limit = vlm.sample_completions, [], [2]
+
+    class Interrupted(Exception):
+        pass
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if limit[0] is not None and len(calls) > limit[0]:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm, "sample_completions", flaky)
+    out = str(tmp_path / "a")
+    args = eval_args(world, out, "open", extra=["--batch_size", "1"])
+    with pytest.raises(Interrupted):
+        E.main(args)
+    assert not os.path.exists(os.path.join(out, "predictions_open.jsonl"))
+    limit[0], calls[:] = None, []
+    E.main(args)
+    assert len(calls) == 5 - 2  # 5 readable images, 2 finished before the interruption
+    E.main(eval_args(world, str(tmp_path / "b"), "open", extra=["--batch_size", "1"]))
+    for name in ("predictions_open.jsonl", "metrics_open.json"):
+        assert open(os.path.join(out, name)).read() == open(tmp_path / "b" / name).read()
+
+
+def test_two_ranks_equal_one_rank(world, tmp_path):
+    files = {}
+    for nproc in (1, 2):
+        out = str(tmp_path / f"ranks{nproc}")
+        args = eval_args(world, out, "open", "mcq", "two_step", extra=["--batch_size", "1"])
+        run_script(["evaluate.py"] + args, nproc)
+        files[nproc] = {name: open(os.path.join(out, name)).read() for name in sorted(os.listdir(out))}
+    assert files[1] == files[2] and len(files[1]) == 6
+    rows = [json.loads(line) for line in files[1]["predictions_open.jsonl"].splitlines()]
+    assert len(rows) == 6 and len({r.get("completion") for r in rows}) > 2  # real, differing completions
+
+
+def test_compare_and_plot(tmp_path, capsys):
+    for name, rows in (("before", HAND), ("after", [dict(r, correct=True) for r in HAND])):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "predictions_open.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    table_path = tmp_path / "classes.json"
+    table_path.write_text(json.dumps(TABLE))
+    E.main(["--compare", str(tmp_path / "before"), str(tmp_path / "after" / "predictions_open.jsonl"),
+            "--classes", str(table_path)])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [dict(zip(lines[0].split(), line.split())) for line in lines[2:]]
+    assert [(r["run"].split(os.sep)[-1], r["dataset"]) for r in rows] == [
+        ("before", "fs"), ("before", "toy"), ("before", "mean"),
+        ("predictions_open.jsonl", "fs"), ("predictions_open.jsonl", "toy"), ("predictions_open.jsonl", "mean")]
+    assert (rows[1]["acc"], rows[1]["HM"], rows[2]["acc"]) == ("66.67", "60.00", "45.83")
+    assert (rows[4]["acc"], rows[4]["HM"], rows[5]["acc"]) == ("100.00", "100.00", "100.00")
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "reward_mean": s / 10, "loss": 1 / (s + 1)}) + "\n" for s in range(5))
+                   + '{"step": 5, "rew')  # a crash-cut last line is ignored
+    png = str(tmp_path / "curves.png")
+    E.main(["--plot", str(log), "--plot_out", png])
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(png) > 0
+    except ImportError:
+        assert not os.path.exists(png) and "matplotlib is not installed" in capsys.readouterr().out
