@@ -330,6 +330,35 @@ def compare(paths, table=None):
     return format_table(metrics, names)
 
 
+SUMMARY_COLUMNS = [  # (mode, metric, header): the headline numbers of each mode
+    ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"), ("open", "acc", "open acc"),
+    ("mcq", "acc", "MCQ"), ("two_step", "acc", "two-step"),
+    ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
+    ("open_world", "spec_hm", "spec HM"),
+]
+
+
+def summary(folders, names=None):
+    """One row per evaluation folder (e.g. a model after each stage) with the headline metric of every
+    mode found in its metrics_<mode>.json (the mean over datasets); '-' where a mode was not run."""
+    rows = []
+    for folder in folders:
+        found = {}
+        for path in glob.glob(os.path.join(folder, "metrics_*.json")):
+            with open(path) as f:
+                m = json.load(f)
+            found[m["mode"]] = m["mean"] if len(m["per_dataset"]) > 1 else next(iter(m["per_dataset"].values()))
+        rows.append(found)
+    cols = [c for c in SUMMARY_COLUMNS if any(r.get(c[0], {}).get(c[1]) is not None for r in rows)]
+    names = names or folders
+    header = ["model"] + [h for *_, h in cols]
+    body = [[str(name)] + ["-" if r.get(mode, {}).get(k) is None else f"{100 * r[mode][k]:.1f}" for mode, k, _ in cols]
+            for name, r in zip(names, rows)]
+    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
 PLOT_KEYS = ("reward_mean", "reward", "loss", "accuracy", "kl", "entropy", "completion_length")
 
 
@@ -396,12 +425,14 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--max_pixels", type=int, default=vlm.DEFAULT_MAX_PIXELS, help="image size cap (pixels)")
     ap.add_argument("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
+    ap.add_argument("--summary", nargs="+", metavar="DIR", help="one row per evaluation folder (metrics_*.json)")
+    ap.add_argument("--names", nargs="+", default=None, help="row names for --summary")
     ap.add_argument("--plot", nargs="+", metavar="LOG", help="plot training curves from JSONL logs")
     ap.add_argument("--plot_out", default="curves.png", help="PNG written by --plot")
     ap.add_argument("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
     args = ap.parse_args(argv)
-    if not (args.compare or args.plot) and not all([args.model, args.data, args.classes, args.out]):
-        ap.error("--model, --data, --classes and --out are required (or use --compare / --plot)")
+    if not (args.compare or args.plot or args.summary) and not all([args.model, args.data, args.classes, args.out]):
+        ap.error("--model, --data, --classes and --out are required (or use --compare / --summary / --plot)")
     return args
 
 
@@ -409,6 +440,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.compare:
         print(compare(args.compare, load_classes(args.classes) if args.classes else None))
+        return
+    if args.summary:
+        print(summary(args.summary, args.names))
         return
     if args.plot:
         plot_curves(args.plot, args.plot_out, args.plot_keys)

@@ -950,8 +950,31 @@ TINY_CORPUS = [
 ]
 
 
+def read_corpus(paths):
+    """Texts to train the tiny tokenizer on: a JSONL file gives its records' question, target, label and
+    options; any other file one text per line."""
+    corpus = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
+                if path.endswith(".jsonl"):
+                    r = json.loads(line)
+                    corpus += [str(r.get(k, "")) for k in ("question", "target", "label")] + r.get("options", [])
+                else:
+                    corpus.append(line.rstrip("\n"))
+    return corpus
+
+
+def _tiny_phrases():
+    from data import prompts
+    questions = [prompts.open_question(ds).replace(prompts.FORMAT, "").strip() for ds in prompts.DOMAINS]
+    return ["You are a helpful assistant.", prompts.FORMAT, "<think>", "</think>", "<answer>", "</answer>",
+            "Answer with the option's letter.", " Options:", "Classify the image.",
+            prompts.open_world_question().split(prompts.FORMAT)[1].strip()] + questions
+
+
 def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=56, text_layers=4,
-                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02):
+                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14):
     """Create a few-million-parameter Qwen2.5-VL (random weights) and a byte-level BPE tokenizer with Qwen's
     special tokens and chat template, deterministically from `seed` and `corpus`, saved as an HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -966,6 +989,9 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=5
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS[1:])
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    # Phrases every prompt repeats verbatim become single (ordinary, decodable) tokens, so the tiny model
+    # spends its compute on the image and the answer rather than on boilerplate.
+    tokenizer.add_tokens(list(_tiny_phrases() if phrases is None else phrases))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     heads = 4
     head_dim = hidden // heads
@@ -979,7 +1005,7 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=5
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
         vision_config=dict(initializer_range=init_std, depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           num_heads=2, out_hidden_size=hidden, patch_size=patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -991,8 +1017,8 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=5
     model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
                                                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
     image_processor = _image_processor_class()(
-        size={"shortest_edge": DEFAULT_MIN_PIXELS, "longest_edge": image_size * image_size},
-        patch_size=14, temporal_patch_size=2, merge_size=2)
+        size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": image_size * image_size},
+        patch_size=patch_size, temporal_patch_size=2, merge_size=2)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -1008,7 +1034,8 @@ def main():
     t = sub.add_parser("tiny", help="build the tiny random Qwen2.5-VL and its tokenizer")
     t.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
     t.add_argument("--seed", type=int, default=0, help="weights and nothing else depend on it")
-    t.add_argument("--corpus", default=None, help="text file (one document per line) to train the BPE on")
+    t.add_argument("--corpus", nargs="*", help="files to train the BPE on: JSONL records (question, target, "
+                   "label, options) or plain text, one document per line")
     t.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (upper bound)")
     t.add_argument("--image_size", type=int, default=56, help="max image side: max_pixels = side²")
     t.add_argument("--text_layers", type=int, default=4, help="decoder layers of the language model")
@@ -1018,11 +1045,8 @@ def main():
     c.add_argument("--max_new_tokens", type=int, default=24)
     args = ap.parse_args()
     if args.cmd == "tiny":
-        corpus = None
-        if args.corpus:
-            with open(args.corpus, encoding="utf-8") as f:
-                corpus = [line.rstrip("\n") for line in f if line.strip()]
-        build_tiny_model(args.out, seed=args.seed, corpus=corpus, vocab_size=args.vocab_size,
+        corpus = read_corpus(args.corpus or [])
+        build_tiny_model(args.out, seed=args.seed, corpus=corpus or None, vocab_size=args.vocab_size,
                          image_size=args.image_size, text_layers=args.text_layers, hidden=args.hidden)
         model = load_model(args.out)
         print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -171,7 +171,8 @@ def prepare_toy(args):
     files = toy.generate(args.out, seed=args.seed, n_shapes=args.shapes, n_colours=args.colours,
                          n_patterns=args.patterns, size=args.size, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-                         pretrain_per_class=args.pretrain_per_class)
+                         pretrain_per_class=args.pretrain_per_class, rotation=args.rotation,
+                         jitter=args.jitter)
     table = load_classes(args.out)
     b = len(class_names(table, "base"))
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
@@ -324,7 +325,9 @@ def build_parser():
     t.add_argument("--train-per-class", type=int, default=24, help="train images per base class")
     t.add_argument("--val-per-class", type=int, default=4, help="val images per base class")
     t.add_argument("--test-per-class", type=int, default=8, help="test images per class (base and novel)")
-    t.add_argument("--pretrain-per-class", type=int, default=12,
+    t.add_argument("--rotation", type=float, default=15.0, help="max rotation of a shape, degrees either way")
+    t.add_argument("--jitter", type=float, default=0.08, help="max shift of a shape from the centre (share of the side)")
+    t.add_argument("--pretrain-per-class", type=int, default=32,
                    help="pretrain images per class (all classes); each gives 3 attribute questions and 1 MCQ")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records")

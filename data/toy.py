@@ -16,13 +16,15 @@ of that order, and generation fails if some attribute value would be missing fro
 
 Files written (all in the record format of data/records.py, images as PNG under DIR/images/):
 - classes.json, train.jsonl (base), val.jsonl (base), test_base.jsonl, test_novel.jsonl;
-- sft.jsonl: train images with a short target "<think>shape: ... colour: ... pattern: ...</think>
+- sft.jsonl: train images with an open-ended question (every other one in SpeciaRL's open-world
+  wording) and a short target "<think>shape: ... colour: ... pattern: ...</think>
   <answer>name</answer>" (the plain SFT target of the toy run);
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
   look-alikes -> comparison -> prediction) on the train images;
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
-  and 2-4 random others. Nothing in it names a class openly, so novel classes do not leak;
+  and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
+  base model knows every name (as a real VLM knows bird names) but has not learned to name from sight;
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
 - test_mcq.jsonl: closed-world MCQs on test_base images, options = the true class + 4 look-alikes
   (base ones first).
@@ -38,7 +40,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .prompts import FORMAT, LETTERS, mcq_question, open_question
+from .prompts import FORMAT, LETTERS, mcq_question, open_question, open_world_question
 from .records import make_record, write_classes, write_records
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
@@ -138,7 +140,7 @@ def _pattern(draw, pattern, side, ink, rng, scale):
             draw.ellipse([c - q, c - q, c + q, c + q], fill=ink if int(round(q / period)) % 2 == 0 else None)
 
 
-def render(attributes, rng, size=56):
+def render(attributes, rng, size=56, rotation=15.0, jitter=0.08):
     """One image of a class: a patterned shape at a random place, scale and rotation on a tinted,
     noisy background. Drawn at twice the size and downsampled, so thin patterns stay smooth."""
     scale = 2 * size / 56  # drawing pixels per pixel of a 56-px image
@@ -158,17 +160,17 @@ def render(attributes, rng, size=56):
         ImageDraw.Draw(mask).ellipse([side / 2 - q, side / 2 - q, side / 2 + q, side / 2 + q], fill=255)
     else:
         ImageDraw.Draw(mask).polygon(points, fill=255)
-    angle = rng.uniform(0, 360)
+    angle = rng.uniform(-rotation, rotation)
     tile = tile.rotate(angle, resample=Image.BILINEAR)
     mask = mask.rotate(angle, resample=Image.BILINEAR)
-    cx, cy = rng.uniform(r + 2, big - r - 2, size=2)
+    cx, cy = np.clip(big / 2 + rng.uniform(-jitter, jitter, size=2) * big, r + 2, big - r - 2)
     image.paste(tile, (int(cx - side / 2), int(cy - side / 2)), mask)
     image = image.resize((size, size), Image.BOX)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
 
 
-def _draw_split(out, split, classes, per_class, seed, size):
+def _draw_split(out, split, classes, per_class, seed, size, rotation, jitter):
     """Render and save `per_class` images of each class; returns [(relative path, class)]."""
     folder = os.path.join(out, "images", split)
     os.makedirs(folder, exist_ok=True)
@@ -178,7 +180,7 @@ def _draw_split(out, split, classes, per_class, seed, size):
         for k in range(per_class):
             rng = np.random.default_rng([seed, SPLIT_CODES[split], cls["id"], k])
             path = os.path.join(folder, f"{cls['id']:02d}_{slug}_{k:03d}.png")
-            render(cls["attributes"], rng, size).save(path, optimize=False)
+            render(cls["attributes"], rng, size, rotation, jitter).save(path, optimize=False)
             items.append((path, cls))
     return items
 
@@ -226,7 +228,7 @@ def _mcq(cls, others, rng):
 # the whole world on disk
 
 def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
-             val_per_class=4, test_per_class=8, pretrain_per_class=12):
+             val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08):
     """Write the toy world to `out`; returns {file stem: records} for the summary table."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
@@ -234,25 +236,27 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     base = [c for c in classes if c["base"]]
     config = {"seed": seed, "shapes": n_shapes, "colours": n_colours, "patterns": n_patterns, "size": size,
               "train_per_class": train_per_class, "val_per_class": val_per_class,
-              "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class}
+              "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class,
+              "rotation": rotation, "jitter": jitter}
     write_classes(os.path.join(out, "classes.json"),
                   {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
 
     def records(items, split, **extra):
         return [make_record(path, cls, "toy", split, **extra) for path, cls in items]
 
-    train_items = _draw_split(out, "train", base, train_per_class, seed, size)
+    train_items = _draw_split(out, "train", base, train_per_class, seed, size, rotation, jitter)
     files = {
         "train": records(train_items, "train"),
-        "val": records(_draw_split(out, "val", base, val_per_class, seed, size), "val"),
+        "val": records(_draw_split(out, "val", base, val_per_class, seed, size, rotation, jitter), "val"),
     }
-    test_items = _draw_split(out, "test", classes, test_per_class, seed, size)
+    test_items = _draw_split(out, "test", classes, test_per_class, seed, size, rotation, jitter)
     files["test_base"] = records([(p, c) for p, c in test_items if c["base"]], "test_base")
     files["test_novel"] = records([(p, c) for p, c in test_items if not c["base"]], "test_novel")
 
+    # SFT on the base classes: open-ended questions, every other one in SpeciaRL's open-world wording
     question = open_question("toy")
-    files["sft"] = [make_record(p, c, "toy", "train", question=question, target=short_target(c))
-                    for p, c in train_items]
+    files["sft"] = [make_record(p, c, "toy", "train", question=question if i % 2 == 0 else open_world_question("toy"),
+                                target=short_target(c)) for i, (p, c) in enumerate(train_items)]
 
     rng = random.Random(f"{seed}:sft_cot")
     files["sft_cot"] = []
@@ -265,7 +269,7 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
 
     rng = random.Random(f"{seed}:pretrain")
     files["pretrain"] = []
-    for path, cls in _draw_split(out, "pretrain", classes, pretrain_per_class, seed, size):
+    for path, cls in _draw_split(out, "pretrain", classes, pretrain_per_class, seed, size, rotation, jitter):
         a = cls["attributes"]
         for attribute, text in ATTRIBUTE_QUESTIONS.items():
             target = f"<think>{attribute}: {a[attribute]}.</think><answer>{a[attribute]}</answer>"
@@ -273,9 +277,11 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
                                                  question=text, target=target))
         others = rng.sample([c for c in classes if c is not cls], rng.randint(2, 4))
         options, letter = _mcq(cls, others, rng)
+        # answered with the option's text, which the MCQ reward accepts: pointing at the right letter is an
+        # in-context lookup a 1M-parameter model does not learn in a CPU budget (measured: chance after 1,000 steps)
         files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="mcq",
                                              question=mcq_question("toy", options), options=options, answer=letter,
-                                             target=_attributes_think(a) + f"<answer>{letter}</answer>"))
+                                             target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))
     rng.shuffle(files["pretrain"])  # a mixture of tasks: interleave them
 
     by_class = {}

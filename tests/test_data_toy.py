@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import splits, toy
-from data.prompts import LETTERS, mcq_question, open_question
+from data.prompts import LETTERS, mcq_question, open_question, open_world_question
 from data.records import class_names, load_classes, read_records
 
 SMALL = dict(train_per_class=3, val_per_class=1, test_per_class=2, pretrain_per_class=2)
@@ -130,11 +130,11 @@ def test_world_files_and_counts(world):
 def test_sft_targets(world):
     _, _, files = world
     assert [r["image"] for r in files["sft"]] == [r["image"] for r in files["train"]]
+    assert {r["question"] for r in files["sft"]} == {open_question("toy"), open_world_question("toy")}
     for r in files["sft"]:
         shape, colour_shape = r["parents"]
         colour = colour_shape.split()[0]
         pattern = r["label"].split()[0]
-        assert r["question"] == open_question("toy")
         assert r["target"] == (f"<think>shape: {shape}. colour: {colour}. pattern: {pattern}.</think>"
                                f"<answer>{r['label']}</answer>")
 
@@ -153,7 +153,7 @@ def test_cot_targets_follow_the_fine_r1_format(world):
         assert think.endswith(f"Prediction: {r['label']}.")
 
 
-def test_pretrain_covers_all_classes_without_naming_them(world):
+def test_pretrain_covers_all_classes_and_never_asks_for_a_name_openly(world):
     _, table, files = world
     names = set(class_names(table))
     pretrain = files["pretrain"]
@@ -165,12 +165,12 @@ def test_pretrain_covers_all_classes_without_naming_them(world):
     by_class = {c["name"]: c["attributes"] for c in table["classes"]}
     for r in pretrain:
         answer = re.search(r"<answer>(.*)</answer>", r["target"]).group(1)
-        assert not any(name in r["target"] for name in names)  # no open-ended naming: novel names do not leak
-        if r["task"] == "mcq":
+        if r["task"] == "mcq":  # a name only ever answers a question that lists it
             assert 3 <= len(r["options"]) <= 5 and r["label"] in r["options"]
-            assert answer == r["answer"] == LETTERS[r["options"].index(r["label"])]
+            assert r["answer"] == LETTERS[r["options"].index(r["label"])] and answer == r["label"]
             assert r["question"] == mcq_question("toy", r["options"])
         else:
+            assert not any(name in r["target"] for name in names)
             assert answer == by_class[r["label"]][r["task"]]
 
 

@@ -1,0 +1,229 @@
+"""bench.py — how fast are rollouts and updates? Measured in one run, printed as one table.
+
+- rollout: generated tokens/s of vlm.sample_completions (prefill once, G samples per prompt) against
+  `model.generate` producing the same samples (same model, prompts, images, G, new tokens; EOS disabled
+  so every row has the same length), and their ratio;
+- decode step vs the memory-bandwidth limit: bytes a decode step must read (language-model weights +
+  the KV cache at the mean context) / the step's time, as a share of the bandwidth measured on this device;
+- update: one scorer forward + backward over the completions (tokens/s) and an MFU estimate
+  (6 · parameters · tokens / time / peak FLOP/s; on a CPU the peak is a measured matmul rate);
+- peak memory of each; with a 3B/7B shape, the projected hours of each paper recipe (runs/) on this device.
+
+    python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
+    python bench.py --shape 7b --dtype bf16 --prompts 32 --group 8 --new_tokens 256 --image_size 448
+The 3B/7B shapes are built from their configs with random weights (the timing does not depend on the
+weights' values), so nothing is downloaded.
+"""
+
+import argparse
+import math
+import resource
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vlm
+
+# Qwen2.5-VL-3B/7B-Instruct's config.json values that set the compute (vocabulary, widths, depths)
+SHAPES = {
+    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2), out=2048, tie=True),
+    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4), out=3584, tie=False),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
+
+
+def real_shape(name, tiny_dir, dtype, device):
+    """A random-weight Qwen2.5-VL of the real size, with the tiny model's tokenizer for the prompts."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
+    s = SHAPES[name]
+    text = dict(s["text"], max_position_embeddings=128000, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        bos_token_id=tiny.text_config.bos_token_id, eos_token_id=tiny.text_config.eos_token_id,
+        pad_token_id=tiny.text_config.pad_token_id)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=s["out"],
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31]), image_token_id=tiny.image_token_id,
+        video_token_id=tiny.video_token_id, vision_start_token_id=tiny.vision_start_token_id,
+        vision_end_token_id=tiny.vision_end_token_id, tie_word_embeddings=s["tie"])
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Best wall time of `repeats` runs after one warm-up, and the last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def peak_memory_gb(device):
+    if torch.device(device).type == "cuda":
+        gb = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
+        return gb
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (monotonic)
+
+
+def bandwidth_gbs(device):
+    """Measured copy bandwidth: a copy reads and writes every byte once."""
+    n = (1 << 30) if torch.device(device).type == "cuda" else (1 << 27)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t, _ = timed(lambda: b.copy_(a), device, 5)
+    return 2 * n / t / 1e9
+
+
+def matmul_tflops(device, dtype):
+    n = 4096 if torch.device(device).type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t, _ = timed(lambda: a @ a, device, 5)
+    return 2 * n ** 3 / t / 1e12
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    ap.add_argument("--model", default=None, help="a checkpoint folder instead of --shape")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--prompts", type=int, default=8, help="distinct prompts (images)")
+    ap.add_argument("--group", type=int, default=8, help="G samples per prompt")
+    ap.add_argument("--new_tokens", type=int, default=64, help="tokens generated per sample (EOS disabled)")
+    ap.add_argument("--image_size", type=int, default=56, help="square image side in pixels")
+    ap.add_argument("--micro_batch", type=int, default=16, help="completions per forward+backward in the update")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (best is kept)")
+    ap.add_argument("--skip_generate", action="store_true", help="do not time model.generate")
+    args = ap.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = vlm.resolve_dtype(args.dtype)
+    torch.manual_seed(0)
+
+    import tempfile
+    tmp = tempfile.mkdtemp()
+    tiny_dir = args.model or vlm.build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1)
+    if args.model is None and args.shape != "tiny":
+        model = real_shape(args.shape, tiny_dir, dtype, device)
+    else:
+        model = vlm.load_model(tiny_dir, device, args.dtype)
+    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
+              for _ in range(args.prompts)]
+    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts)
+    batch = batch.to(device)
+    P, G, N = args.prompts, args.group, args.new_tokens
+    n_gen = P * G * N
+    rows = []
+    peak_memory_gb(device)
+
+    # rollout: ours vs generate, identical work
+    def ours(max_new=N):
+        gen = torch.Generator(device=device).manual_seed(0)
+        return vlm.sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
+                                      generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id)
+
+    t_ours, roll = timed(ours, device, args.repeats)
+    assert roll.completion_mask.sum() == n_gen
+    mem_ours = peak_memory_gb(device)
+    rows.append(("rollout: ours", f"{n_gen / t_ours:,.0f} tok/s", f"{t_ours:.3f} s", f"{mem_ours:.2f} GB"))
+    if not args.skip_generate:
+        def hf():
+            return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                                  mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                                  pad_token_id=proc.pad_token_id)
+        t_hf, out = timed(hf, device, args.repeats)
+        assert out.shape == (P * G, batch.input_ids.shape[1] + N)
+        mem_hf = peak_memory_gb(device)
+        rows.append(("rollout: model.generate", f"{n_gen / t_hf:,.0f} tok/s", f"{t_hf:.3f} s", f"{mem_hf:.2f} GB"))
+        rows.append(("rollout: ours / generate", f"{t_hf / t_ours:.2f}x", "", ""))
+
+    # decode step against the bandwidth limit
+    t_prefill, _ = timed(lambda: ours(1), device, args.repeats)
+    step = (t_ours - t_prefill) / max(N - 1, 1)
+    lm_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}")
+    if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
+        lm_params += model.lm_head.weight.numel()
+    tc = model.config.text_config
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    context = batch.input_ids.shape[1] + N / 2
+    kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
+    step_bytes = lm_params * dtype.itemsize + kv_bytes
+    bw = bandwidth_gbs(device)
+    rows.append(("decode step", f"{step * 1e3:.2f} ms", f"{step_bytes / 2 ** 20:.1f} MiB read",
+                 f"{step_bytes / step / 1e9 / bw * 100:.1f}% of {bw:.0f} GB/s"))
+
+    # update: scorer forward + backward over the rollout's completions
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    rows_batch = batch.repeat_interleave(G)
+    mb = args.micro_batch
+
+    def update():
+        for s in range(0, P * G, mb):
+            idx = list(range(s, min(s + mb, P * G)))
+            with vlm.autocast(device, args.dtype == "bf16"):
+                logp = vlm.sequence_logprobs(model, rows_batch.select(idx), roll.completion_ids[idx],
+                                             roll.completion_mask[idx])
+            (-logp.sum() / n_gen).backward()
+        model.zero_grad(set_to_none=True)
+
+    t_upd, _ = timed(update, device, max(1, args.repeats - 1))
+    mem_upd = peak_memory_gb(device)
+    tokens = P * G * (batch.input_ids.shape[1] + N)
+    n_params = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) or matmul_tflops(device, dtype)
+        peak_label = f"{peak:.0f} TFLOP/s ({name})"
+    else:
+        peak = matmul_tflops(device, dtype)
+        peak_label = f"{peak * 1e3:.0f} GFLOP/s measured matmul"
+    mfu = 6 * n_params * tokens / t_upd / (peak * 1e12)
+    rows.append(("update: fwd+bwd", f"{tokens / t_upd:,.0f} tok/s", f"{t_upd:.3f} s", f"{mem_upd:.2f} GB"))
+    rows.append(("update: MFU", f"{mfu * 100:.1f}%", f"vs {peak_label}", ""))
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {args.dtype}) on {where}; "
+          f"{P} prompts x {G} samples x {N} new tokens, {args.image_size}px images, prompt {batch.input_ids.shape[1]} tokens")
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
+
+    if args.shape in ("3b", "7b") and args.model is None:
+        # projected hours of each paper recipe at this device's measured rates (one device)
+        gen_rate, upd_rate = n_gen / t_ours, tokens / t_upd
+        prompt_len = batch.input_ids.shape[1]
+        recipes = {  # (name, optimizer steps, prompts a step, G, mean completion tokens, reported budget)
+            "DiVE-k (400 x 6 prompts, G 4)": (400, 6, 4, 512, "3 GPUs"),
+            "SpeciaRL (175 x 256 prompts, G 10)": (175, 256, 10, 512, "~12 h on 6 GPUs"),
+            "Fine-R1 TAPO (10 ep. 4-shot, G 10)": (250, 16, 10, 512, "4 GPUs"),
+        }
+        print(f"\nprojected hours on one {where} (mean completion 512 tokens assumed; rollout + update only):")
+        for name, (steps, prompts, g, length, budget) in recipes.items():
+            hours = steps * (prompts * g * length / gen_rate + prompts * g * (prompt_len + length) / upd_rate) / 3600
+            print(f"  {name:38s} {hours:7.1f} h   (paper: {budget})")
+
+
+if __name__ == "__main__":
+    main()

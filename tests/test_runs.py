@@ -1,0 +1,114 @@
+"""The recipes in runs/, the toy base model builder, evaluate.py --summary and bench.py, on CPU."""
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate"}
+
+
+class Captured(Exception):
+    pass
+
+
+def parser_of(module_name):
+    """The argparse parser a script builds (captured when it parses)."""
+    module = importlib.import_module(module_name)
+    parse = getattr(module, "get_args", None) or getattr(module, "parse_args")
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        raise Captured(self)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        parse([])
+    except Captured as e:
+        return e.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = real
+
+
+def commands(path):
+    """(script, [flags]) of every python/launch command in a shell recipe, continuation lines joined;
+    a $VAR on the command line contributes the flags of every value assigned to VAR in the file."""
+    text = open(path).read().replace("\\\n", " ")
+    assigned = {}
+    for name, value in re.findall(r'(\w+)="([^"]*)"', text):
+        assigned.setdefault(name, []).extend(re.findall(r"(?<!\w)(--\w+)", value))
+    out = []
+    for line in text.splitlines():
+        m = re.search(r"\b(?:launch|python3?)\s+(\w+\.py)\b(.*)", line)
+        if m and m.group(1) in SCRIPTS:
+            flags = re.findall(r"(?<!\w)(--\w+)", m.group(2))
+            for var in re.findall(r"\$\{?(\w+)", m.group(2)):
+                flags += assigned.get(var, [])
+            out.append((m.group(1), flags))
+    return out
+
+
+def unknown_flags(path):
+    return [(script, f) for script, flags in commands(path)
+            for f in flags if f not in parser_of(SCRIPTS[script])._option_string_actions]
+
+
+@pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "runs")) if f.endswith(".sh")))
+def test_recipes_are_valid_shell_and_use_only_existing_flags(recipe):
+    path = os.path.join(ROOT, "runs", recipe)
+    subprocess.run(["bash", "-n", path], check=True)
+    if recipe != "common.sh":
+        assert commands(path), f"{recipe}: no stage command found"
+    assert not unknown_flags(path), f"{recipe}: flags the scripts do not have: {unknown_flags(path)}"
+
+
+def test_the_flag_check_catches_a_typo(tmp_path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text('X="--lora_r 4 --lr_typo 3"\nlaunch grpo.py --model m \\\n  --beta 0 $X\n')
+    assert unknown_flags(str(bad)) == [("grpo.py", "--lr_typo")]
+
+
+def test_toy_base_model_builder(small_world, tmp_path):
+    root, _ = small_world
+    out = tmp_path / "vision"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
+                           str(out), "--steps", "3", "--batch_size", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held-out attribute accuracy" in done.stdout
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    import torch
+    trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out))
+    init = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out) + ".init")
+    changed = {n for (n, a), (_, b) in zip(trained.named_parameters(), init.named_parameters()) if not torch.equal(a, b)}
+    assert changed and all(".visual." in f".{n}" for n in changed)  # only the vision tower was trained
+
+
+def test_summary_table(tmp_path):
+    import evaluate
+    for name, acc in [("sft", 0.5), ("grpo", 0.75)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        metrics = {"mode": "open", "per_dataset": {"toy": {"base_acc": acc, "novel_acc": 0.25, "hm": 0.4, "acc": 0.3}},
+                   "mean": {}}
+        (folder / "metrics_open.json").write_text(json.dumps(metrics))
+    (tmp_path / "grpo" / "metrics_mcq.json").write_text(json.dumps(
+        {"mode": "mcq", "per_dataset": {"toy": {"acc": 0.875}}, "mean": {}}))
+    table = evaluate.summary([str(tmp_path / "sft"), str(tmp_path / "grpo")], ["SFT", "GRPO"]).splitlines()
+    assert table[0].split() == ["model", "base", "novel", "HM", "open", "acc", "MCQ"]
+    assert table[2].split() == ["SFT", "50.0", "25.0", "40.0", "30.0", "-"]
+    assert table[3].split() == ["GRPO", "75.0", "25.0", "40.0", "30.0", "87.5"]
+
+
+def test_bench_runs_and_reports_every_row():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--prompts", "2", "--group", "2",
+                           "--new_tokens", "4", "--repeats", "1", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step", "update: fwd+bwd",
+                "update: MFU"):
+        assert row in done.stdout, row
