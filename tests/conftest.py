@@ -70,7 +70,7 @@ def small_world(tmp_path_factory):
     import vlm
     from data import toy
     from data.records import read_records, write_records
-    from data.prompts import mcq_question
+    from data.prompts import mcq_question, open_question, open_world_question
     root = tmp_path_factory.mktemp("world")
     toy.generate(str(root), seed=0, n_shapes=2, n_colours=2, n_patterns=2, train_per_class=3, val_per_class=1,
                  test_per_class=2, pretrain_per_class=1)
@@ -82,15 +82,18 @@ def small_world(tmp_path_factory):
         rng.shuffle(options)
         mcq.append(dict(r, options=options, answer="ABC"[options.index(r["label"])]))
     write_records(str(root / "mcq.jsonl"), mcq)
-    # a short SFT on the MCQs so that sampled answers are sometimes right and rewards vary within groups
+    # a short SFT on the MCQs and on the open-ended questions, so that sampled answers are sometimes right
+    # and rewards vary within groups for every recipe (MCQ letters, exact names, specificity)
     sft_rows = [dict(m, question=mcq_question("toy", m["options"]),
                      target=f"<think>{m['label']}</think><answer>{m['answer']}</answer>") for m in mcq]
+    sft_rows += [dict(r, question=ask(r["dataset"]), target=f"<think>{r['label']}</think><answer>{r['label']}</answer>")
+                 for r in read_records(str(root / "train.jsonl")) for ask in (open_question, open_world_question)]
     write_records(str(root / "mcq_sft.jsonl"), sft_rows)
     corpus = [json.loads(line).get("target", "") for line in open(root / "sft.jsonl")]
     corpus += [r["question"] + " " + r["target"] for r in sft_rows] + names
     vlm.build_tiny_model(str(root / "base"), seed=0, corpus=corpus)
     import sft
     sft.main(["--model", str(root / "base"), "--data", str(root / "mcq_sft.jsonl"), "--out", str(root / "sft"),
-              "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3", "--max_steps", "40", "--schedule", "constant",
+              "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3", "--max_steps", "60", "--schedule", "constant",
               "--device", "cpu", "--no_check_images"])
     return root, str(root / "sft" / "final")
