@@ -27,7 +27,6 @@ import time
 from collections import defaultdict
 
 import torch
-from tqdm import tqdm
 
 import reward as rewards_lib
 import vlm
@@ -302,7 +301,7 @@ def concat_rollouts(parts, G):
     """Join rollouts (dynamic sampling draws) into one: prompts and row indices re-based."""
     if len(parts) == 1:
         return parts[0]
-    out, offset, rows = {}, 0, []
+    offset, rows = 0, []
     L = max(p["ids"].shape[1] for p in parts)
     pad = lambda x, v: torch.nn.functional.pad(x, (0, L - x.shape[1]), value=v)
     prompt_rows = []
@@ -493,7 +492,7 @@ def main(argv=None):
                f"parameters on {d.world_size} rank(s)")
 
     log = vlm.JsonlLog(os.path.join(args.out, "log.jsonl"), d)
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not d.is_main, desc="grpo", mininterval=2.0)
+    bar = vlm.progress(start, steps, d, "grpo")
     for step in bar:
         t0 = time.time()
         r, cursor, info = collect_batch(step, cursor, ctx)

@@ -25,9 +25,9 @@ import contextlib
 import math
 import os
 import time
+from collections import Counter
 
 import torch
-from tqdm import tqdm
 
 import vlm
 from data.prompts import question_for
@@ -45,6 +45,8 @@ def get_args(argv=None):
                     help="auto = the record's `question` field if it has one, else the open-ended question")
     ap.add_argument("--target", default="auto", choices=["auto", "record", "answer"],
                     help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
+    ap.add_argument("--per_class", type=int, default=0,
+                    help="keep only the first N records of each label (Fine-R1: one example per seen class)")
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max_steps)")
     ap.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     ap.add_argument("--batch_size", type=int, default=16, help="global examples per optimizer step")
@@ -145,7 +147,15 @@ def main(argv=None):
     names = class_names(load_classes(args.classes), "base") if args.classes else None
     read = lambda paths: [r for p in paths for r in read_records(p, check_images=not args.no_check_images,
                                                                  skip_bad=args.skip_bad)]
-    train = [make_example(r, args, names) for r in read(args.data)]
+    records = read(args.data)
+    if args.per_class:  # the first N records of each label, in file order
+        kept, seen = [], Counter()
+        for r in records:
+            seen[r["label"]] += 1
+            if seen[r["label"]] <= args.per_class:
+                kept.append(r)
+        records = kept
+    train = [make_example(r, args, names) for r in records]
     val = [make_example(r, args, names) for r in read(args.val_data)]
     if args.batch_size % d.world_size:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {d.world_size} ranks")
@@ -179,7 +189,7 @@ def main(argv=None):
 
     log = vlm.JsonlLog(os.path.join(args.out, "log.jsonl"), d)
     per_rank = args.batch_size // d.world_size
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not d.is_main, desc="sft", mininterval=2.0)
+    bar = vlm.progress(start, total_steps, d, "sft")
     policy.train()
     for step in bar:
         t0 = time.time()

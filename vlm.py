@@ -28,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -117,6 +118,13 @@ def shard(items, d):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def progress(start, total, d, desc):
+    """A progress bar on rank 0; redrawn every 30 s instead of every second when output goes to a file."""
+    from tqdm import tqdm
+    return tqdm(range(start, total), initial=start, total=total, disable=not d.is_main, desc=desc,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 class ResumableShards:

@@ -114,3 +114,14 @@ def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lo
     log_a = [json.loads(x)["loss"] for x in open(os.path.join(straight, "log.jsonl"))]
     log_b = [json.loads(x)["loss"] for x in open(os.path.join(resumed, "log.jsonl"))]
     assert log_b[:3] + log_b[-3:] == log_a  # steps 1-3, then 3-6 again after the resume from step 2
+
+
+def test_per_class_keeps_the_first_records_of_each_label(squares, tmp_path, capsys):
+    _, data, model_dir = squares
+    records = read_records(data)
+    from data.records import write_records
+    doubled = str(tmp_path / "doubled.jsonl")
+    write_records(doubled, records + [dict(r, target=r["target"] + " again") for r in records])
+    sft.main(["--model", model_dir, "--data", doubled, "--out", str(tmp_path / "o"), "--batch_size", "8",
+              "--max_steps", "1", "--per_class", "1", "--device", "cpu"])
+    assert "8 examples" in capsys.readouterr().out
