@@ -23,6 +23,7 @@ builds prompts, samples and computes log-probs the same way.
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -402,11 +403,21 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+@functools.cache
+def _cache_kwarg():
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decode_step(model, tokens, attention_mask, position_ids, cache):
     """One token per row through the model with the cache: logits (B, V) of the next token.
     Kept as its own function so a static cache / compiled step can replace it without touching callers."""
     out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids[..., None],
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **{_cache_kwarg(): cache})
     return out.logits[:, -1]
 
 
@@ -428,7 +439,8 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     cache = DynamicCache(config=model.config)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                mm_token_type_ids=batch.mm_token_type_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                mm_token_type_ids=batch.mm_token_type_ids, use_cache=True, logits_to_keep=1,
+                **{_cache_kwarg(): cache})
     logits = out.logits[:, -1]
     mask, positions = batch.attention_mask, batch.next_positions()
     if G > 1:  # the G samples of a prompt share its prefill
