@@ -175,7 +175,7 @@ def format_table(metrics_list, names):
 def greedy(model, processor, images, questions, args, device):
     batch = processor.encode(images, questions).to(device)
     roll = vlm.sample_completions(model, batch, max_new_tokens=args.max_new_tokens, greedy=True,
-                                  eos_token_ids=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
+                                  **processor.sampling_tokens)
     return processor.decode(roll.completion_ids, roll.completion_mask)
 
 

@@ -270,7 +270,7 @@ def rollout(items_slice, start_index, step, draw, ctx):
             roll = vlm.sample_completions(policy, batch.select(sub), group_size=per_prompt,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, top_k=args.top_k, generator=gen,
-                                          eos_token_ids=proc.eos_token_ids, pad_token_id=proc.pad_token_id)
+                                          **proc.sampling_tokens)
             ids_parts.append(roll.completion_ids)
             mask_parts.append(roll.completion_mask)
     L = max(x.shape[1] for x in ids_parts)

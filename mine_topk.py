@@ -185,7 +185,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
             generator = torch.Generator(device=device).manual_seed(item_seed(seed, batch_idx[0]))
             roll = vlm.sample_completions(model, batch, group_size=n, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, generator=generator,
-                                          eos_token_ids=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
+                                          **processor.sampling_tokens)
             texts = processor.decode(roll.completion_ids, roll.completion_mask)
             for j, i in enumerate(ok):  # prompt-major rows: image j's samples are rows j*n .. j*n+n-1
                 classes = valid(records[i])

@@ -203,6 +203,10 @@ def load_model(path, device="cpu", dtype="fp32", attn="sdpa"):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    path = str(path)
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
+    if looks_local and not os.path.isdir(path):  # else transformers says "Repo id must be in the form ..."
+        raise FileNotFoundError(f"model folder not found: {path}")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
 
@@ -305,7 +309,17 @@ class Processor:
         self.image_token_id = tok("<|image_pad|>")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
         self.eos_token_ids = sorted({tok("<|im_end|>"), tok("<|endoftext|>")})
+        # tokens a completion must never contain: a sampled <|image_pad|> would make the scorer's forward
+        # over prompt + completion count more image tokens than the image has features, and crash
+        vision = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+        self.banned_token_ids = sorted({tok(t) for t in vision if t in tokenizer.get_vocab()})
         self.chat_template = tokenizer.chat_template or QWEN_CHAT_TEMPLATE
+
+    @property
+    def sampling_tokens(self):
+        """The token arguments of `sample_completions` for this tokenizer: stop, pad, never sample."""
+        return dict(eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                    banned_token_ids=self.banned_token_ids)
 
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=DEFAULT_MAX_PIXELS, system_prompt=None):
@@ -424,14 +438,15 @@ def _decode_step(model, tokens, attention_mask, position_ids, cache):
 @torch.no_grad()
 def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
                        top_k=0, greedy=False, generator=None, eos_token_ids=(), pad_token_id=0,
-                       compact_at=0.5):
+                       banned_token_ids=(), compact_at=0.5):
     """Sample `group_size` completions per prompt of `batch` (a PromptBatch on the model's device).
 
     Prefill each prompt once, replicate its KV cache G times, then decode token by token with explicit
     M-RoPE positions. Rows that emit an EOS stop; when the live rows fall to `compact_at` of the batch
     being decoded, finished rows are dropped from the cache so they stop costing compute.
-    Returned log-probs are those of the *untruncated* softmax(logits / T) (top-k/top-p only decide what
-    is sampled), so they equal `sequence_logprobs` of the same tokens: r = 1 at the first GRPO update.
+    Returned log-probs are those of the *untruncated* softmax(logits / T) (top-k/top-p and
+    `banned_token_ids`, e.g. `Processor.banned_token_ids`, only decide what is sampled), so they equal
+    `sequence_logprobs` of the same tokens: r = 1 at the first GRPO update.
     """
     from transformers import DynamicCache
     G, P = group_size, len(batch)
@@ -448,6 +463,7 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
         logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
         positions = positions.repeat_interleave(G, 1)
     N = P * G
+    banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long, device=device)
     tokens_out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logp_out = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
     mask_out = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -458,6 +474,8 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     for t in range(max_new_tokens):
         scaled = logits.float() / (1.0 if greedy else temperature)
         logp_all = scaled.log_softmax(-1)
+        if len(banned):
+            scaled = scaled.index_fill(-1, banned, float("-inf"))
         if greedy:
             tok = scaled.argmax(-1)
         else:
@@ -545,7 +563,7 @@ def text_generator(model, processor, max_new_tokens=16, batch_size=32):
         for s in range(0, len(prompts), batch_size):
             batch = processor.encode(None, prompts[s:s + batch_size]).to(device)
             roll = sample_completions(model, batch, max_new_tokens=max_new_tokens, greedy=True,
-                                      eos_token_ids=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
+                                      **processor.sampling_tokens)
             out += processor.decode(roll.completion_ids, roll.completion_mask)
         return out
     return generate

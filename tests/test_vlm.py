@@ -308,3 +308,40 @@ def test_dropping_finished_rows_changes_nothing(tiny, images):
     assert (kept.completion_mask.sum(1) < 20).any()
     assert torch.equal(kept.completion_ids, dropped.completion_ids)
     torch.testing.assert_close(kept.logprobs, dropped.logprobs, atol=1e-5, rtol=0)
+
+
+class _LovesImagePad(torch.nn.Module):
+    """The tiny model with a large bonus on one token's logit: it would sample that token every step."""
+
+    def __init__(self, model, token):
+        super().__init__()
+        self.model, self.token = model, token
+        self.config = model.config
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        out.logits[..., self.token] += 50.0
+        return out
+
+
+def test_vision_tokens_are_never_sampled(tiny, images):
+    """A sampled <|image_pad|> would make the scorer's forward over prompt + completion see more image
+    tokens than the image has features (a crash seen in a GRPO run at temperature 1.5)."""
+    model, proc = tiny
+    biased = _LovesImagePad(model, proc.image_token_id)
+    batch = proc.encode(images, QUESTIONS)
+    kw = dict(group_size=2, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    unguarded = vlm.sample_completions(biased, batch, eos_token_ids=proc.eos_token_ids, pad_token_id=proc.pad_token_id, **kw)
+    assert (unguarded.completion_ids == proc.image_token_id).all()  # the bias works: the test can fail
+    guarded = vlm.sample_completions(biased, batch, **proc.sampling_tokens, **kw)
+    assert proc.image_token_id in proc.banned_token_ids and len(proc.banned_token_ids) == 4
+    assert not torch.isin(guarded.completion_ids, torch.tensor(proc.banned_token_ids)).any()
+    assert guarded.completion_mask.sum() > 0
+    with torch.no_grad():  # the guarded completions score fine (the unguarded ones would crash here)
+        vlm.sequence_logprobs(model, batch.repeat_interleave(2), guarded.completion_ids, guarded.completion_mask)
+
+
+def test_missing_model_folder_names_the_folder(tmp_path):
+    missing = str(tmp_path / "run" / "final")
+    with pytest.raises(FileNotFoundError, match="model folder not found: .*run/final"):
+        vlm.load_model(missing)
