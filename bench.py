@@ -1,6 +1,7 @@
 """bench.py — how fast are rollouts and updates? Measured in one run, printed as one table.
 
-- rollout: generated tokens/s of vlm.sample_completions (prefill once, G samples per prompt) against
+- rollout: generated tokens/s of vlm.sample_completions (prefill once, G samples per prompt, static KV
+  cache; also with DynamicCache) against
   `model.generate` producing the same samples (same model, prompts, images, G, new tokens; EOS disabled
   so every row has the same length), and their ratio;
 - decode step vs the memory-bandwidth limit: bytes a decode step must read (language-model weights +
@@ -135,22 +136,26 @@ def main():
     peak_memory_gb(device)
 
     # rollout: ours vs generate, identical work
-    def ours(max_new=N):
+    def ours(max_new=N, cache_kind="static"):
         gen = torch.Generator(device=device).manual_seed(0)
         return vlm.sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
-                                      generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id)
+                                      generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
+                                      banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
 
     t_ours, roll = timed(ours, device, args.repeats)
     assert roll.completion_mask.sum() == n_gen
     mem_ours = peak_memory_gb(device)
     rows.append(("rollout: ours", f"{n_gen / t_ours:,.0f} tok/s", f"{t_ours:.3f} s", f"{mem_ours:.2f} GB"))
+    t_dyn, _ = timed(lambda: ours(cache_kind="dynamic"), device, args.repeats)
+    rows.append(("rollout: ours, DynamicCache", f"{n_gen / t_dyn:,.0f} tok/s", f"{t_dyn:.3f} s",
+                 f"{peak_memory_gb(device):.2f} GB"))
     if not args.skip_generate:
         def hf():
             return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                                   mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=1.0,
                                   top_k=0, top_p=1.0, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
-                                  pad_token_id=proc.pad_token_id)
+                                  pad_token_id=proc.pad_token_id, suppress_tokens=proc.banned_token_ids)
         t_hf, out = timed(hf, device, args.repeats)
         assert out.shape == (P * G, batch.input_ids.shape[1] + N)
         mem_hf = peak_memory_gb(device)

@@ -417,6 +417,40 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def new_kv_cache(config, kind="static", max_len=None):
+    """The sampler's KV cache. "static": transformers' StaticCache, preallocated for `max_len` positions
+    and written in place (the shape a compiled or graph-captured decode step needs); "dynamic":
+    DynamicCache, grown by torch.cat at every step (O(T^2) copying: most of a CPU decode step's time)."""
+    from transformers import DynamicCache, StaticCache
+    if kind == "static":
+        return StaticCache(config=config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    raise ValueError(f"unknown cache kind {kind!r} (static or dynamic)")
+
+
+def _map_cache_rows(cache, fn, dynamic_method, *args):
+    """Apply `fn` to the batch dimension of every layer's keys and values: the G-fold replication and the
+    dropping of finished rows. DynamicCache has a method for each; StaticCache has neither, so its
+    preallocated (B, heads, max_len, dim) tensors are replaced (cheap next to a decode step)."""
+    from transformers import StaticCache
+    if not isinstance(cache, StaticCache):
+        return getattr(cache, dynamic_method)(*args)
+    for layer in cache.layers:
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        layer.batch_size = layer.keys.shape[0]
+
+
+def repeat_cache_rows(cache, G):
+    """Each row of the cache G times in a row (prefill once, sample G)."""
+    _map_cache_rows(cache, lambda t: t.repeat_interleave(G, 0), "batch_repeat_interleave", G)
+
+
+def select_cache_rows(cache, keep):
+    """Keep only the rows `keep` (a LongTensor of row indices)."""
+    _map_cache_rows(cache, lambda t: t.index_select(0, keep), "batch_select_indices", keep)
+
+
 @functools.cache
 def _cache_kwarg():
     """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (where
@@ -427,18 +461,35 @@ def _cache_kwarg():
     return "cache" if "cache" in params else "past_key_values"
 
 
+def unwrap(model):
+    """The Hugging Face model inside the training wrappers (DDP, Policy)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, Policy):
+            model = model.vlm
+        else:
+            return model
+
+
 def _decode_step(model, tokens, attention_mask, position_ids, cache):
     """One token per row through the model with the cache: logits (B, V) of the next token.
-    Kept as its own function so a static cache / compiled step can replace it without touching callers."""
-    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids[..., None],
-                use_cache=True, **{_cache_kwarg(): cache})
-    return out.logits[:, -1]
+
+    A decode step has no image, so it goes straight to the language model and the LM head, skipping the
+    multimodal wrapper's per-call work (image checks, position logic: the positions are given). Under
+    FSDP2 the sampler runs inside `generation_mode`, where every shard is already gathered. Kept as its
+    own function so a compiled or graph-captured step can replace it without touching callers."""
+    hf = unwrap(model)
+    hidden = hf.model.language_model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                                     position_ids=position_ids[..., None], use_cache=True,
+                                     **{_cache_kwarg(): cache}).last_hidden_state
+    return hf.lm_head(hidden[:, -1])
 
 
 @torch.no_grad()
 def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
                        top_k=0, greedy=False, generator=None, eos_token_ids=(), pad_token_id=0,
-                       banned_token_ids=(), compact_at=0.5):
+                       banned_token_ids=(), compact_at=0.5, cache_kind="static"):
     """Sample `group_size` completions per prompt of `batch` (a PromptBatch on the model's device).
 
     Prefill each prompt once, replicate its KV cache G times, then decode token by token with explicit
@@ -448,10 +499,9 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     `banned_token_ids`, e.g. `Processor.banned_token_ids`, only decide what is sampled), so they equal
     `sequence_logprobs` of the same tokens: r = 1 at the first GRPO update.
     """
-    from transformers import DynamicCache
     G, P = group_size, len(batch)
     device = batch.input_ids.device
-    cache = DynamicCache(config=model.config)
+    cache = new_kv_cache(model.config, cache_kind, max_len=batch.input_ids.shape[1] + max_new_tokens)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                 mm_token_type_ids=batch.mm_token_type_ids, use_cache=True, logits_to_keep=1,
@@ -459,7 +509,7 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     logits = out.logits[:, -1]
     mask, positions = batch.attention_mask, batch.next_positions()
     if G > 1:  # the G samples of a prompt share its prefill
-        cache.batch_repeat_interleave(G)
+        repeat_cache_rows(cache, G)
         logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
         positions = positions.repeat_interleave(G, 1)
     N = P * G
@@ -495,7 +545,7 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
             break
         if n_live <= compact_at * len(rows):  # drop finished rows from the batch and the cache
             keep = (~done).nonzero()[:, 0]
-            cache.batch_select_indices(keep)
+            select_cache_rows(cache, keep)
             rows, tok, done, mask, positions = rows[keep], tok[keep], done[keep], mask[keep], positions[:, keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = _decode_step(model, tok, mask, positions, cache)

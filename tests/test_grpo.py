@@ -207,7 +207,8 @@ def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path, mode):
     root, model = small_world
     common = ["--model", model, "--data", str(root / "mcq.jsonl"), "--device", "cpu", "--max_steps", "2",
               "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "16", "--micro_batch_size", "4",
@@ -216,7 +217,8 @@ def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_
     grpo.main(common + ["--out", one])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "grpo.py"), "--out", two] + common, env=env, cwd=ROOT,
+                           os.path.join(ROOT, "grpo.py"), "--out", two] + common
+                          + (["--fsdp"] if mode == "fsdp" else []), env=env, cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     log_one = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]

@@ -41,15 +41,16 @@ def test_positions_equal_transformers_rope_index(tiny, images):
     assert (batch.position_ids[:, :, -1] + 1 < batch.attention_mask.sum(1)).all()  # images shorten positions
 
 
-def test_greedy_equals_generate_token_for_token(tiny, images):
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_greedy_equals_generate_token_for_token(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     free = vlm.sample_completions(model, batch, max_new_tokens=30, greedy=True, eos_token_ids=[],
-                                  pad_token_id=proc.pad_token_id)
+                                  pad_token_id=proc.pad_token_id, cache_kind=cache_kind)
     # EOS = tokens that the rows emit at different steps, so rows stop at different times
     eos = sorted({free.completion_ids[0, 4].item(), free.completion_ids[1, 9].item()})
     ours = vlm.sample_completions(model, batch, max_new_tokens=30, greedy=True, eos_token_ids=eos,
-                                  pad_token_id=proc.pad_token_id)
+                                  pad_token_id=proc.pad_token_id, cache_kind=cache_kind)
     ref = generate_reference(model, batch, 30, eos, proc.pad_token_id)
     lengths = ours.completion_mask.sum(1).long().tolist()
     assert len(set(lengths)) >= 2 and min(lengths) < 30
@@ -71,13 +72,15 @@ def test_seeded_sampling_is_reproducible(tiny, images):
     assert not torch.equal(run(1), run(2))
 
 
-def test_prefill_once_equals_repeated_batch(tiny, images):
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_prefill_once_equals_repeated_batch(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     free = vlm.sample_completions(model, batch, max_new_tokens=20, greedy=True, eos_token_ids=[],
                                   pad_token_id=proc.pad_token_id)
     eos = sorted(set(free.completion_ids[:, 2:6].flatten().tolist()))  # likely tokens: rows finish early
-    kw = dict(max_new_tokens=20, temperature=0.5, eos_token_ids=eos, pad_token_id=proc.pad_token_id)
+    kw = dict(max_new_tokens=20, temperature=0.5, eos_token_ids=eos, pad_token_id=proc.pad_token_id,
+              cache_kind=cache_kind)
     once = vlm.sample_completions(model, batch, group_size=4, generator=torch.Generator().manual_seed(3), **kw)
     repeated = vlm.sample_completions(model, batch.repeat_interleave(4), group_size=1,
                                       generator=torch.Generator().manual_seed(3), **kw)
@@ -295,14 +298,16 @@ def test_build_tiny_model_is_deterministic(tmp_path):
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
 
 
-def test_dropping_finished_rows_changes_nothing(tiny, images):
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_dropping_finished_rows_changes_nothing(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     free = vlm.sample_completions(model, batch, group_size=2, max_new_tokens=20, temperature=0.5,
                                   generator=torch.Generator().manual_seed(0), eos_token_ids=[],
                                   pad_token_id=proc.pad_token_id)
     eos = sorted(set(free.completion_ids[:, 2:8].flatten().tolist()))
-    kw = dict(group_size=2, max_new_tokens=20, greedy=True, eos_token_ids=eos, pad_token_id=proc.pad_token_id)
+    kw = dict(group_size=2, max_new_tokens=20, greedy=True, eos_token_ids=eos, pad_token_id=proc.pad_token_id,
+              cache_kind=cache_kind)
     kept = vlm.sample_completions(model, batch, compact_at=0.0, **kw)     # never drop rows
     dropped = vlm.sample_completions(model, batch, compact_at=1.0, **kw)  # drop at every finish
     assert (kept.completion_mask.sum(1) < 20).any()
@@ -310,26 +315,27 @@ def test_dropping_finished_rows_changes_nothing(tiny, images):
     torch.testing.assert_close(kept.logprobs, dropped.logprobs, atol=1e-5, rtol=0)
 
 
-class _LovesImagePad(torch.nn.Module):
-    """The tiny model with a large bonus on one token's logit: it would sample that token every step."""
+class _LovesToken(torch.nn.Module):
+    """An LM head with a large bonus on one token's logit: the model would sample that token every step."""
 
-    def __init__(self, model, token):
+    def __init__(self, head, token):
         super().__init__()
-        self.model, self.token = model, token
-        self.config = model.config
+        self.head, self.token = head, token
 
-    def forward(self, **kw):
-        out = self.model(**kw)
-        out.logits[..., self.token] += 50.0
-        return out
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.token] += 50.0
+        return logits
 
 
-def test_vision_tokens_are_never_sampled(tiny, images):
+def test_vision_tokens_are_never_sampled(tiny, images, monkeypatch):
     """A sampled <|image_pad|> would make the scorer's forward over prompt + completion see more image
     tokens than the image has features (a crash seen in a GRPO run at temperature 1.5)."""
     model, proc = tiny
-    biased = _LovesImagePad(model, proc.image_token_id)
     batch = proc.encode(images, QUESTIONS)
+    head = model.lm_head
+    monkeypatch.setattr(model, "lm_head", _LovesToken(head, proc.image_token_id))
+    biased = model
     kw = dict(group_size=2, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
     unguarded = vlm.sample_completions(biased, batch, eos_token_ids=proc.eos_token_ids, pad_token_id=proc.pad_token_id, **kw)
     assert (unguarded.completion_ids == proc.image_token_id).all()  # the bias works: the test can fail
@@ -337,6 +343,7 @@ def test_vision_tokens_are_never_sampled(tiny, images):
     assert proc.image_token_id in proc.banned_token_ids and len(proc.banned_token_ids) == 4
     assert not torch.isin(guarded.completion_ids, torch.tensor(proc.banned_token_ids)).any()
     assert guarded.completion_mask.sum() > 0
+    monkeypatch.setattr(model, "lm_head", head)
     with torch.no_grad():  # the guarded completions score fine (the unguarded ones would crash here)
         vlm.sequence_logprobs(model, batch.repeat_interleave(2), guarded.completion_ids, guarded.completion_mask)
 
@@ -345,3 +352,22 @@ def test_missing_model_folder_names_the_folder(tmp_path):
     missing = str(tmp_path / "run" / "final")
     with pytest.raises(FileNotFoundError, match="model folder not found: .*run/final"):
         vlm.load_model(missing)
+
+
+def test_static_cache_equals_dynamic_cache(tiny, images):
+    """The preallocated cache (the default) against DynamicCache, sampling G per prompt with rows
+    finishing early (so finished rows are dropped from both caches along the way)."""
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    free = vlm.sample_completions(model, batch, max_new_tokens=20, greedy=True, eos_token_ids=[],
+                                  pad_token_id=proc.pad_token_id)
+    eos = sorted(set(free.completion_ids[:, 3:7].flatten().tolist()))
+    run = lambda kind: vlm.sample_completions(model, batch, group_size=3, max_new_tokens=20, temperature=0.8,
+                                              generator=torch.Generator().manual_seed(5), eos_token_ids=eos,
+                                              pad_token_id=proc.pad_token_id, cache_kind=kind)
+    static, dynamic = run("static"), run("dynamic")
+    assert len(set(static.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown cache kind"):
+        run("paged")
