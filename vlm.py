@@ -451,6 +451,18 @@ def select_cache_rows(cache, keep):
     _map_cache_rows(cache, lambda t: t.index_select(0, keep), "batch_select_indices", keep)
 
 
+def draw(logp, generator=None):
+    """One token per row from softmax(logp) (-inf: never), by inverse CDF: a single uniform per row
+    against the cumulative probabilities. Seeded, no host sync, and ~20x cheaper on a CPU than drawing an
+    exponential per vocabulary entry (the 'race' argmax(p / E))."""
+    cdf = (logp - logp.max(-1, keepdim=True).values).exp().cumsum(-1)  # unnormalised: scaled by the total
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=logp.device, dtype=cdf.dtype) * total
+    tok = torch.searchsorted(cdf, u, right=True)  # the first entry whose cumulative mass exceeds u
+    # u rounds up to the total once in ~1e7 draws: take the last entry of positive probability then
+    return torch.minimum(tok, (cdf < total).sum(-1, keepdim=True))[:, 0]
+
+
 @functools.cache
 def _cache_kwarg():
     """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (where
@@ -522,17 +534,17 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     done = torch.zeros(N, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        scaled = logits.float() / (1.0 if greedy else temperature)
+        scaled = logits.float()
+        if not greedy and temperature != 1.0:
+            scaled = scaled / temperature
         logp_all = scaled.log_softmax(-1)
-        if len(banned):
-            scaled = scaled.index_fill(-1, banned, float("-inf"))
+        # what may be sampled: log-probs differ from the logits by a constant per row, so they keep
+        # the same order, the same top-k and (renormalised) the same top-p set
+        pick = logp_all.index_fill(-1, banned, float("-inf")) if len(banned) else logp_all
         if greedy:
-            tok = scaled.argmax(-1)
+            tok = pick.argmax(-1)
         else:
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            # exponential race: argmax(p / E), E ~ Exp(1), is a draw from p (no host sync, seeded)
-            race = torch.empty_like(probs).exponential_(generator=generator)
-            tok = (probs / race).argmax(-1)
+            tok = draw(filter_logits(pick, top_k, top_p), generator)
         tok = tok.masked_fill(done, pad_token_id)
         live = (~done).float()
         tokens_out[rows, t] = tok

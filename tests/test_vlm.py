@@ -371,3 +371,17 @@ def test_static_cache_equals_dynamic_cache(tiny, images):
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unknown cache kind"):
         run("paged")
+
+
+def test_draw_follows_the_distribution():
+    """The inverse-CDF draw against the probabilities it draws from (and never an impossible token)."""
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    logp = p.log().expand(20000, -1).contiguous()
+    tok = vlm.draw(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    assert freq[1] == 0 and freq[5] == 0  # zero probability (masked / filtered): never drawn
+    torch.testing.assert_close(freq, p, atol=0.012, rtol=0)  # ~4 standard errors at n = 20000
+    assert torch.equal(tok, vlm.draw(logp, torch.Generator().manual_seed(0)))  # seeded
+    # rows keep their own distributions, and a row with one possible token always draws it
+    rows = torch.tensor([[0.0, float("-inf"), float("-inf")], [float("-inf"), float("-inf"), 0.0]])
+    assert vlm.draw(rows.repeat(50, 1), torch.Generator().manual_seed(1)).tolist() == [0, 2] * 50
