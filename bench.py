@@ -155,13 +155,14 @@ def main():
     peak_memory_gb(device)
 
     # rollout: ours vs generate, identical work
-    def ours(max_new=N, cache_kind="static"):
+    def ours(max_new=N, cache_kind="buffer"):
         gen = torch.Generator(device=device).manual_seed(0)
         return vlm.sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
                                       generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
                                       banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
 
-    contenders = {"rollout: ours": ours, "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
+    contenders = {"rollout: ours": ours, "rollout: ours, StaticCache": lambda: ours(cache_kind="static"),
+                  "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
     if not args.skip_generate:
         def hf():
             return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -417,16 +417,89 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+CACHE_KINDS = ("buffer", "static", "dynamic")
+
+
 def new_kv_cache(config, kind="static", max_len=None):
-    """The sampler's KV cache. "static": transformers' StaticCache, preallocated for `max_len` positions
-    and written in place (the shape a compiled or graph-captured decode step needs); "dynamic":
-    DynamicCache, grown by torch.cat at every step (O(T^2) copying: most of a CPU decode step's time)."""
+    """A transformers KV cache for the prefill (and, for "static"/"dynamic", the decode steps too).
+    "static": StaticCache, preallocated for `max_len` positions and written in place; "dynamic":
+    DynamicCache, grown by torch.cat at every step (O(T^2) copying: most of a CPU decode step's time).
+    The default "buffer" kind prefills into a DynamicCache and moves it into a KVBuffer."""
     from transformers import DynamicCache, StaticCache
     if kind == "static":
         return StaticCache(config=config, max_cache_len=max_len)
-    if kind == "dynamic":
+    if kind in ("dynamic", "buffer"):
         return DynamicCache(config=config)
-    raise ValueError(f"unknown cache kind {kind!r} (static or dynamic)")
+    raise ValueError(f"unknown cache kind {kind!r} (one of {', '.join(CACHE_KINDS)})")
+
+
+class KVBuffer:
+    """The hand-written decode step's KV cache: for each layer, keys and values of shape
+    (rows, kv_heads, max_len, head_dim), preallocated once and written in place, one position per step.
+    Prompts are left-padded, so every row has filled the same `length` positions; `valid` (rows, max_len)
+    says which of them a row attends to (not its left padding)."""
+
+    def __init__(self, prefill_cache, attention_mask, max_len, group_size=1):
+        """Move a prefilled DynamicCache in, each row repeated `group_size` times in a row."""
+        rows, length = attention_mask.shape[0] * group_size, attention_mask.shape[1]
+        self.keys, self.values = [], []
+        for layer in prefill_cache.layers:
+            for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
+                buf = src.new_zeros(rows, src.shape[1], max_len, src.shape[3])
+                buf[:, :, :length] = src.repeat_interleave(group_size, 0)
+                dst.append(buf)
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=attention_mask.device)
+        self.valid[:, :length] = attention_mask.bool().repeat_interleave(group_size, 0)
+        self.length = length
+
+    def select_rows(self, keep):
+        """Keep only the rows `keep` (a LongTensor of row indices)."""
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+        self.valid = self.valid.index_select(0, keep)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _decode_step_buffer(model, tokens, position_ids, kv):
+    """One token per row through the language model by hand, over a KVBuffer: logits (B, V).
+
+    The same computation as transformers' Qwen2.5-VL decoder layers for one new position (pre-norm
+    attention with M-RoPE and grouped KV heads, then the gated MLP), calling the layers' own modules
+    (so LoRA and FSDP2's gathered weights are used as they are) but none of their per-call machinery:
+    no mask building, no cache objects, no kwargs plumbing. On a CPU that machinery is most of a small
+    model's step. Checked against the model's own forward (`_decode_step`) in tests/test_vlm.py. The
+    cache is written in place at one position per step, the shape a compiled or CUDA-graph-captured
+    step needs (the one function to replace for that)."""
+    hf = unwrap(model)
+    lm = hf.model.language_model
+    x = lm.embed_tokens(tokens[:, None])                       # (B, 1, hidden)
+    cos, sin = lm.rotary_emb(x, position_ids[..., None])       # M-RoPE: (B, 1, head_dim) each
+    cos, sin = cos[:, None], sin[:, None]                      # broadcast over heads
+    t = kv.length
+    kv.valid[:, t] = True
+    mask = kv.valid[:, None, None, :t + 1]                     # (B, 1, 1, t + 1): True = attend
+    B = x.shape[0]
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.keys[i][:, :, t] = k[:, :, 0]
+        kv.values[i][:, :, t] = v[:, :, 0]
+        # grouped-query attention (each KV head serves a group of query heads) without copying the cache
+        o = F.scaled_dot_product_attention(q, kv.keys[i][:, :, :t + 1], kv.values[i][:, :, :t + 1], attn_mask=mask,
+                                           scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    kv.length = t + 1
+    return hf.lm_head(lm.norm(x)[:, -1])
 
 
 def _map_cache_rows(cache, fn, dynamic_method, *args):
@@ -448,6 +521,8 @@ def repeat_cache_rows(cache, G):
 
 def select_cache_rows(cache, keep):
     """Keep only the rows `keep` (a LongTensor of row indices)."""
+    if isinstance(cache, KVBuffer):
+        return cache.select_rows(keep)
     _map_cache_rows(cache, lambda t: t.index_select(0, keep), "batch_select_indices", keep)
 
 
@@ -485,12 +560,12 @@ def unwrap(model):
 
 
 def _decode_step(model, tokens, attention_mask, position_ids, cache):
-    """One token per row through the model with the cache: logits (B, V) of the next token.
+    """One token per row through the model's own forward with a transformers cache: logits (B, V).
 
-    A decode step has no image, so it goes straight to the language model and the LM head, skipping the
-    multimodal wrapper's per-call work (image checks, position logic: the positions are given). Under
-    FSDP2 the sampler runs inside `generation_mode`, where every shard is already gathered. Kept as its
-    own function so a compiled or graph-captured step can replace it without touching callers."""
+    The reference for `_decode_step_buffer` (cache_kind "static"/"dynamic"). A decode step has no image,
+    so it goes straight to the language model and the LM head, skipping the multimodal wrapper's per-call
+    work (image checks, position logic: the positions are given). Under FSDP2 the sampler runs inside
+    `generation_mode`, where every shard is already gathered."""
     hf = unwrap(model)
     hidden = hf.model.language_model(input_ids=tokens[:, None], attention_mask=attention_mask,
                                      position_ids=position_ids[..., None], use_cache=True,
@@ -501,7 +576,7 @@ def _decode_step(model, tokens, attention_mask, position_ids, cache):
 @torch.no_grad()
 def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
                        top_k=0, greedy=False, generator=None, eos_token_ids=(), pad_token_id=0,
-                       banned_token_ids=(), compact_at=0.5, cache_kind="static"):
+                       banned_token_ids=(), compact_at=0.5, cache_kind="buffer"):
     """Sample `group_size` completions per prompt of `batch` (a PromptBatch on the model's device).
 
     Prefill each prompt once, replicate its KV cache G times, then decode token by token with explicit
@@ -510,18 +585,26 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     Returned log-probs are those of the *untruncated* softmax(logits / T) (top-k/top-p and
     `banned_token_ids`, e.g. `Processor.banned_token_ids`, only decide what is sampled), so they equal
     `sequence_logprobs` of the same tokens: r = 1 at the first GRPO update.
+    `cache_kind`: "buffer" (a KVBuffer and the hand-written `_decode_step_buffer`), or the model's own
+    forward at every step over transformers' "static" or "dynamic" cache (the reference paths).
     """
     G, P = group_size, len(batch)
     device = batch.input_ids.device
-    cache = new_kv_cache(model.config, cache_kind, max_len=batch.input_ids.shape[1] + max_new_tokens)
+    max_len = batch.input_ids.shape[1] + max_new_tokens
+    if cache_kind == "buffer" and "sliding_attention" in getattr(unwrap(model).config.text_config, "layer_types", ()):
+        cache_kind = "static"  # the hand-written step has no sliding-window attention
+    cache = new_kv_cache(model.config, cache_kind, max_len=max_len)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                 mm_token_type_ids=batch.mm_token_type_ids, use_cache=True, logits_to_keep=1,
                 **{_cache_kwarg(): cache})
     logits = out.logits[:, -1]
     mask, positions = batch.attention_mask, batch.next_positions()
-    if G > 1:  # the G samples of a prompt share its prefill
+    if cache_kind == "buffer":  # the G samples of a prompt share its prefill
+        cache = KVBuffer(cache, mask, max_len, G)
+    elif G > 1:
         repeat_cache_rows(cache, G)
+    if G > 1:
         logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
         positions = positions.repeat_interleave(G, 1)
     N = P * G
@@ -559,8 +642,11 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
             keep = (~done).nonzero()[:, 0]
             select_cache_rows(cache, keep)
             rows, tok, done, mask, positions = rows[keep], tok[keep], done[keep], mask[keep], positions[:, keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = _decode_step(model, tok, mask, positions, cache)
+        if cache_kind == "buffer":
+            logits = _decode_step_buffer(model, tok, positions, cache)
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = _decode_step(model, tok, mask, positions, cache)
         positions = positions + 1
     return Rollout(tokens_out[:, :steps], mask_out[:, :steps], logp_out[:, :steps], G)
 

@@ -41,7 +41,7 @@ def test_positions_equal_transformers_rope_index(tiny, images):
     assert (batch.position_ids[:, :, -1] + 1 < batch.attention_mask.sum(1)).all()  # images shorten positions
 
 
-@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("cache_kind", vlm.CACHE_KINDS)
 def test_greedy_equals_generate_token_for_token(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
@@ -72,7 +72,7 @@ def test_seeded_sampling_is_reproducible(tiny, images):
     assert not torch.equal(run(1), run(2))
 
 
-@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("cache_kind", vlm.CACHE_KINDS)
 def test_prefill_once_equals_repeated_batch(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
@@ -195,6 +195,28 @@ def test_lora_off_equals_base_and_merge_equals_unmerged(tiny_dir, tiny, images):
         torch.testing.assert_close(score(model), lora_on, atol=1e-5, rtol=0)
 
 
+def test_hand_written_step_uses_lora_and_equals_model_forward(tiny_dir, tiny, images):
+    """The KVBuffer step calls the layers' own modules, so adapters count (and switch off) as in the
+    model's forward: greedy samples of a LoRA model with B != 0, on and off, equal the reference path."""
+    _, proc = tiny
+    model = fresh_model(tiny_dir)
+    vlm.add_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in vlm.lora_modules(model):
+            m.lora_B.normal_(std=0.05)
+    batch = proc.encode(images, QUESTIONS)
+    run = lambda kind: vlm.sample_completions(model, batch, group_size=2, max_new_tokens=12, greedy=True,
+                                              eos_token_ids=[], pad_token_id=proc.pad_token_id, cache_kind=kind)
+    on = run("buffer")
+    assert torch.equal(on.completion_ids, run("dynamic").completion_ids)
+    torch.testing.assert_close(on.logprobs, run("dynamic").logprobs, atol=1e-5, rtol=0)
+    with vlm.lora_disabled(model):
+        off = run("buffer")
+        assert torch.equal(off.completion_ids, run("dynamic").completion_ids)
+    assert not torch.equal(on.logprobs, off.logprobs)  # the adapters changed what was sampled
+
+
 def test_save_load_round_trip_with_lora_merged(tiny_dir, tiny, images, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
     _, proc = tiny
@@ -298,7 +320,7 @@ def test_build_tiny_model_is_deterministic(tmp_path):
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
 
 
-@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("cache_kind", vlm.CACHE_KINDS)
 def test_dropping_finished_rows_changes_nothing(tiny, images, cache_kind):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
@@ -354,9 +376,10 @@ def test_missing_model_folder_names_the_folder(tmp_path):
         vlm.load_model(missing)
 
 
-def test_static_cache_equals_dynamic_cache(tiny, images):
-    """The preallocated cache (the default) against DynamicCache, sampling G per prompt with rows
-    finishing early (so finished rows are dropped from both caches along the way)."""
+def test_every_cache_kind_samples_the_same(tiny, images):
+    """The hand-written step over a KVBuffer (the default) and the model's own forward over StaticCache,
+    against the model's forward over DynamicCache: sampling G per prompt with rows finishing early (so
+    finished rows are dropped from every cache along the way)."""
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     free = vlm.sample_completions(model, batch, max_new_tokens=20, greedy=True, eos_token_ids=[],
@@ -365,10 +388,12 @@ def test_static_cache_equals_dynamic_cache(tiny, images):
     run = lambda kind: vlm.sample_completions(model, batch, group_size=3, max_new_tokens=20, temperature=0.8,
                                               generator=torch.Generator().manual_seed(5), eos_token_ids=eos,
                                               pad_token_id=proc.pad_token_id, cache_kind=kind)
-    static, dynamic = run("static"), run("dynamic")
-    assert len(set(static.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
-    assert torch.equal(static.completion_ids, dynamic.completion_ids)
-    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+    dynamic = run("dynamic")
+    assert len(set(dynamic.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    for kind in ("buffer", "static"):
+        other = run(kind)
+        assert torch.equal(other.completion_ids, dynamic.completion_ids), kind
+        torch.testing.assert_close(other.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unknown cache kind"):
         run("paged")
 
