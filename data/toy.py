@@ -59,7 +59,7 @@ ATTRIBUTE_QUESTIONS = {
     "colour": "What colour is the shape in this image? " + FORMAT,
     "pattern": "What pattern is on the shape in this image? " + FORMAT,
 }
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "vision": 4}  # vision: runs/toy_base.py
 
 
 # ----------------------------------------------------------------------------------------------

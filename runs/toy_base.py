@@ -5,11 +5,14 @@ random weights, and a random vision tower barely separates the toy world's shape
 features scores ~35% on four shapes); trained only through the language model's loss, it learns to see
 them far too slowly for a CPU budget, because the language model first learns to ignore the image. So,
 as real VLMs are built, the vision tower is trained first, here on the three attribute labels (shape,
-colour, pattern) with a linear head each, on the `pretrain` images of all classes (never test images).
-The heads are then dropped; runs/toy.sh goes on with sft.py on the attribute questions and MCQs
+colour, pattern) with a linear head each, on images of all classes drawn afresh at every step (from
+their own seeds: never an image of any split on disk). A fixed set of 2,048 images was memorised
+instead (train loss 0, held-out shape accuracy ~90%); fresh images at lr 3e-4 reach ~92% shape, 100%
+colour and pattern on the val images in 3,200 steps (lr 1e-3, 1,600 steps: 77% shape). The heads are
+then dropped; runs/toy.sh goes on with sft.py on the attribute questions and MCQs
 (pretrain.jsonl) to make the "Instruct" model that the papers' pipeline starts from.
 
-    python runs/toy_base.py --data out/toy/data --out out/toy/vision     # ~1 minute on 2 CPU cores
+    python runs/toy_base.py --data out/toy/data --out out/toy/vision     # ~2 minutes on 2 CPU cores
 """
 
 import argparse
@@ -18,10 +21,12 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm  # noqa: E402
+from data import toy  # noqa: E402
 from data.records import load_classes, read_records  # noqa: E402
 
 ATTRIBUTES = ("shape", "colour", "pattern")
@@ -31,12 +36,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a toy world prepared by `python -m data.prepare toy`")
     ap.add_argument("--out", required=True, help="output model folder (Hugging Face layout)")
-    ap.add_argument("--steps", type=int, default=1600, help="optimizer steps of the vision pretraining")
+    ap.add_argument("--steps", type=int, default=3200, help="optimizer steps of the vision pretraining")
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vision_hidden", type=int, default=128, help="width of the tiny vision tower")
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the tiny language model")
+    ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
+    ap.add_argument("--patch_size", type=int, default=14, help="vision patch side in pixels (Qwen2.5-VL: 14)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -45,35 +52,39 @@ def main():
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
     tiny = args.out + ".init"
     vlm.build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
-                         text_layers=args.text_layers)
+                         text_layers=args.text_layers, vision_depth=args.vision_depth, patch_size=args.patch_size)
     model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny, max_pixels=size * size)
 
     table = load_classes(os.path.join(args.data, "classes.json"))
-    attributes = {c["name"]: c["attributes"] for c in table["classes"]}
-    values = {a: sorted({x[a] for x in attributes.values()}) for a in ATTRIBUTES}
-    train = list({r["image"]: r for r in read_records(os.path.join(args.data, "pretrain.jsonl"))}.values())
+    world = table["config"]
+    classes = table["classes"]
+    values = {a: sorted({c["attributes"][a] for c in classes}) for a in ATTRIBUTES}
     held_out = read_records(os.path.join(args.data, "val.jsonl"))
-    images = {r["image"]: vlm.load_image(r["image"]) for r in train + held_out}
+    by_name = {c["name"]: c for c in classes}
 
     visual = model.model.visual
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(model.config.text_config.hidden_size, len(values[a]))
                                  for a in ATTRIBUTES})
     optimizer = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=args.lr)
 
-    def features(records):  # the mean of an image's merged visual tokens, as the language model gets them
-        batch = processor.encode([images[r["image"]] for r in records], [""] * len(records))
+    def features(images):  # the mean of an image's merged visual tokens, as the language model gets them
+        batch = processor.encode(images, [""] * len(images))
         tokens = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output
         return torch.stack([t.mean(0) for t in tokens])
 
-    def targets(records, a):
-        return torch.tensor([values[a].index(attributes[r["label"]][a]) for r in records])
+    def targets(batch_classes, a):
+        return torch.tensor([values[a].index(c["attributes"][a]) for c in batch_classes])
 
+    # Every step draws new images (a fixed set of a few thousand is memorised: train loss 0, held-out
+    # shape accuracy stuck near 90%), from their own seeds: never an image of any split on disk.
     rng, t0 = random.Random(args.seed), time.time()
     visual.train()
     for step in range(args.steps):
-        records = rng.sample(train, args.batch_size)
-        f = features(records)
-        loss = sum(torch.nn.functional.cross_entropy(heads[a](f), targets(records, a)) for a in ATTRIBUTES)
+        batch_classes = [rng.choice(classes) for _ in range(args.batch_size)]
+        images = [toy.render(c["attributes"], np.random.default_rng([world["seed"], toy.SPLIT_CODES["vision"], step, i]),
+                             world["size"], world["rotation"], world["jitter"]) for i, c in enumerate(batch_classes)]
+        f = features(images)
+        loss = sum(torch.nn.functional.cross_entropy(heads[a](f), targets(batch_classes, a)) for a in ATTRIBUTES)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -82,8 +93,9 @@ def main():
                   f"({time.time() - t0:.0f}s)", flush=True)
     visual.eval()
     with torch.no_grad():
-        f = features(held_out)
-        acc = {a: (heads[a](f).argmax(1) == targets(held_out, a)).float().mean().item() for a in ATTRIBUTES}
+        f = features([vlm.load_image(r["image"]) for r in held_out])
+        truth = [by_name[r["label"]] for r in held_out]
+        acc = {a: (heads[a](f).argmax(1) == targets(truth, a)).float().mean().item() for a in ATTRIBUTES}
     print("held-out attribute accuracy (val images): " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in acc.items()))
     vlm.save_checkpoint(model, processor, args.out)
     print(f"wrote {args.out}")
