@@ -412,16 +412,18 @@ def test_draw_follows_the_distribution():
     assert vlm.draw(rows.repeat(50, 1), torch.Generator().manual_seed(1)).tolist() == [0, 2] * 50
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (issue 8's bf16 check of the fast path)"))])
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 0.05)])
-def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, tol):
+def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, tol, device):
     """Step by step, teacher-forced on the same tokens (so the two paths never diverge): the logits of
     `_decode_step_buffer` over a KVBuffer against the model's own forward over a DynamicCache, in fp32
     (to float error) and in bf16 (the dtype of GPU runs; on this CPU the two agreed exactly). One position
     off in the rotary embedding moves the logits by ~3, so the check has teeth."""
     from transformers import DynamicCache
-    model = vlm.load_model(tiny_dir, dtype=dtype)
+    model = vlm.load_model(tiny_dir, device, dtype=dtype)
     proc = vlm.Processor.from_pretrained(tiny_dir)
-    batch = proc.encode(images, QUESTIONS)
+    batch = proc.encode(images, QUESTIONS).to(device)
     max_len = batch.input_ids.shape[1] + 10
 
     def prefill():
@@ -435,7 +437,7 @@ def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, t
 
     ref_cache, first = prefill()
     buffer = vlm.KVBuffer(prefill()[0], batch.attention_mask, max_len)
-    tokens = torch.randint(10, 200, (len(images), 8), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(10, 200, (len(images), 8), generator=torch.Generator().manual_seed(0)).to(device)
     mask, positions = batch.attention_mask, batch.next_positions()
     worst = 0.0
     with torch.no_grad():
