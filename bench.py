@@ -13,6 +13,8 @@
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
     python bench.py --shape 7b --dtype bf16 --prompts 32 --group 8 --new_tokens 256 --image_size 448
+    python bench.py --shape 7b --dtype bf16 --prompts 1 --group 8 --new_tokens 1024 --image_size 448 \
+        --lora_r 64 --gradient_checkpointing --micro_batch 8      # does GRPO with LoRA on 7B fit one GPU?
 The 3B/7B shapes are built from their configs with random weights (the timing does not depend on the
 weights' values), so nothing is downloaded.
 """
@@ -129,6 +131,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
     ap.add_argument("--skip_generate", action="store_true", help="do not time model.generate")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument("--lora_r", type=int, default=0,
+                    help="update with LoRA adapters of this rank, set up as grpo.py does (0: every weight trains, "
+                         "in the model's dtype)")
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,8 +206,14 @@ def main():
                  f"{step_bytes / step / 1e9 / bw * 100:.1f}% of {bw:.0f} GB/s"))
 
     # update: scorer forward + backward over the rollout's completions
-    for p in model.parameters():
-        p.requires_grad_(True)
+    if args.lora_r:  # as grpo.py: fp32 adapters, frozen base weights, autocast
+        vlm.configure_trainable(model, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                gradient_checkpointing=args.gradient_checkpointing)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     rows_batch = batch.repeat_interleave(G)
     mb = args.micro_batch
@@ -226,8 +238,11 @@ def main():
     else:
         peak = matmul_tflops(device, dtype)
         peak_label = f"{peak * 1e3:.0f} GFLOP/s measured matmul"
-    mfu = 6 * n_params * tokens / t_upd / (peak * 1e12)
-    rows.append(("update: fwd+bwd", f"{tokens / t_upd:,.0f} tok/s", f"{t_upd:.3f} s", f"{mem_upd:.2f} GB"))
+    # forward 2N + backward 4N FLOPs per token; frozen weights (LoRA) skip their weight gradients (2N)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    mfu = (6 * n_params - 2 * n_frozen) * tokens / t_upd / (peak * 1e12)
+    how = (f", LoRA r{args.lora_r}" if args.lora_r else "") + (", checkpointed" if args.gradient_checkpointing else "")
+    rows.append((f"update: fwd+bwd{how}", f"{tokens / t_upd:,.0f} tok/s", f"{t_upd:.3f} s", f"{mem_upd:.2f} GB"))
     rows.append(("update: MFU", f"{mfu * 100:.1f}%", f"vs {peak_label}", ""))
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
