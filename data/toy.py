@@ -26,8 +26,9 @@ Files written (all in the record format of data/records.py, images as PNG under 
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
   base model knows every name (as a real VLM knows bird names) but has not learned to name from sight;
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
-- test_mcq.jsonl: closed-world MCQs on test_base images, options = the true class + 4 look-alikes
-  (base ones first).
+- test_mcq.jsonl: closed-world MCQs on test_base images, options = the 8 corners of a cube around the
+  true class (one other value per attribute and every combination: `mcq_cube`), so that the options'
+  text does not give the answer away.
 
 Deterministic: every image is drawn from its own RNG seeded by (seed, split, class, index), and the
 same seed gives byte-identical files.
@@ -59,6 +60,7 @@ ATTRIBUTE_QUESTIONS = {
     "colour": "What colour is the shape in this image? " + FORMAT,
     "pattern": "What pattern is on the shape in this image? " + FORMAT,
 }
+ATTRIBUTES = ("shape", "colour", "pattern")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "vision": 4}  # vision: runs/toy_base.py
 
 
@@ -217,6 +219,18 @@ def cot_target(cls, candidates):
     return "<think>" + "\n".join(lines) + f"</think><answer>{cls['name']}</answer>"
 
 
+def mcq_cube(cls, classes, rng):
+    """The 7 other corners of a cube around `cls`: one other value per attribute, drawn at random, and
+    every combination of the two values of each. Every corner is like every other (each differs from 3
+    options in one attribute, from 3 in two, from 1 in all three), so the options' text says nothing
+    about which one is right: with the true class and 4 of its look-alikes, the true class is the one
+    option one attribute away from all the others, and a text-only rule would score 100%."""
+    a = cls["attributes"]
+    pairs = {k: (a[k], rng.choice(sorted({c["attributes"][k] for c in classes} - {a[k]}))) for k in ATTRIBUTES}
+    corners = [c for c in classes if all(c["attributes"][k] in pairs[k] for k in ATTRIBUTES)]
+    return [c for c in corners if c is not cls]
+
+
 def _mcq(cls, others, rng):
     """Options = cls + others in a seeded random order; returns (options, answer letter)."""
     options = [cls] + list(others)
@@ -299,16 +313,10 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     rng = random.Random(f"{seed}:test_mcq")
     files["test_mcq"] = []
     for path, cls in test_items:
-        if not cls["base"]:
-            continue
-        near = lookalikes(cls, classes)
-        near_base = [c for c in near if c["base"]]
-        near_novel = [c for c in near if not c["base"]]
-        others = rng.sample(near_base, min(4, len(near_base)))
-        others += rng.sample(near_novel, min(4 - len(others), len(near_novel)))
-        options, letter = _mcq(cls, others, rng)
-        files["test_mcq"].append(make_record(path, cls, "toy", "test_base", question=mcq_question("toy", options),
-                                             options=options, answer=letter))
+        if cls["base"]:
+            options, letter = _mcq(cls, mcq_cube(cls, classes, rng), rng)
+            files["test_mcq"].append(make_record(path, cls, "toy", "test_base", question=mcq_question("toy", options),
+                                                 options=options, answer=letter))
 
     for stem, recs in files.items():
         write_records(os.path.join(out, f"{stem}.jsonl"), recs)

@@ -193,14 +193,19 @@ def test_test_mcq(world):
     letters = Counter()
     for r in files["test_mcq"]:
         options = r["options"]
-        assert len(options) == 5 and len(set(options)) == 5
+        assert len(options) == 8 and len(set(options)) == 8
         assert options[LETTERS.index(r["answer"])] == r["label"]
         assert r["question"] == mcq_question("toy", options)
-        others = [by_name[o] for o in options if o != r["label"]]
-        assert all(o in toy.lookalikes(by_name[r["label"]], table["classes"]) for o in others)
-        assert sum(o["base"] for o in others) == 3  # all 3 base look-alikes, then a novel one
+        attrs = [by_name[o]["attributes"] for o in options]
+        # a cube: two values per attribute, every combination once
+        assert all(len({x[k] for x in attrs}) == 2 for k in toy.ATTRIBUTES)
+        # and every option sits in it alike, so no rule over the options' text can find the answer:
+        # each has 3 options one attribute away, 3 two away, 1 three away
+        for x in attrs:
+            distances = sorted(sum(x[k] != y[k] for k in toy.ATTRIBUTES) for y in attrs if y is not x)
+            assert distances == [1, 1, 1, 2, 2, 2, 3]
         letters[r["answer"]] += 1
-    assert len(letters) == 5  # the true option is not always in the same place
+    assert len(letters) == 8  # the true option is not always in the same place
 
 
 def test_same_seed_same_bytes(tmp_path):
