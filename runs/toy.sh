@@ -8,11 +8,11 @@
 # 1. base      the stand-in for Qwen2.5-VL-Instruct: a tiny random Qwen2.5-VL, its vision tower pretrained on
 #              attribute labels (runs/toy_base.py), then sft.py on attribute questions and MCQs about all
 #              64 classes (it never names a class). Cached: delete OUT/base to rebuild it.
-# 2. SFT       sft.py on the 32 base classes (open-ended and multiple-choice questions)
+# 2. SFT       sft.py on the 32 base classes (open-ended questions, half in SpeciaRL's open-world wording)
 # 3. mine      mine_topk.py: 8 answers per training image -> MCQs of the model's own top-5 confusions
 # 4. GRPO      grpo.py with DiVE-k's reward (mcq + format) on those MCQs
-# 5. evaluate  evaluate.py after each stage: open-ended base / novel / HM, held-out MCQs over look-alike
-#              classes, open-world correctness / specificity; one table at the end.
+# 5. evaluate  evaluate.py after each stage: open-ended base / novel / HM, held-out MCQs (options: the 8
+#              classes of two values per attribute), open-world correctness / specificity; one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy}
@@ -32,7 +32,7 @@ if [ ! -f "$OUT/base/final/config.json" ]; then
     --micro_batch_size 8 --lr 1e-3 --max_steps 800 --device cpu
 fi
 
-evaluate() {  # evaluate MODEL FOLDER: open-ended and open-world on base+novel, MCQ on look-alikes
+evaluate() {  # evaluate MODEL FOLDER: open-ended and open-world on base+novel, MCQ on base test images
   python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --classes "$D/classes.json" \
     --mode open open_world --out "$2" --batch_size 64 --max_new_tokens 32 --device cpu > "$2.log"
   python evaluate.py --model "$1" --data "$D/test_mcq.jsonl" --classes "$D/classes.json" \
@@ -55,8 +55,8 @@ python mine_topk.py --model "$OUT/sft/final" --data "$D/train.jsonl" --classes "
 stage "4. GRPO on the mined MCQs (reward: mcq + format)"
 python grpo.py --model "$OUT/sft/final" --data "$OUT/mine/mcq.jsonl" --classes "$D/classes.json" \
   --out "$OUT/grpo" --reward mcq+format --loss grpo --beta 0.04 --group_size 8 --prompts_per_step 16 \
-  --temperature 1.0 --max_new_tokens 32 --lr 2e-4 --max_steps 40 --micro_batch_size 32 --rollout_prompts 16 \
-  --device cpu
+  --temperature 1.0 --max_new_tokens 32 --lr 1e-4 --max_steps 40 --micro_batch_size 32 --rollout_prompts 16 \
+  --device cpu  # lr 2e-4 broke the answers to 8-option questions, never seen in training (README)
 stage "evaluate GRPO"
 evaluate "$OUT/grpo/final" "$OUT/eval/grpo"
 
@@ -86,5 +86,5 @@ fi
 
 stage "done"
 echo "Accuracies in % on the toy world's test images (base: 32 classes seen in SFT/RL, novel: 32 unseen;"
-echo "MCQ: held-out questions over 5 look-alike classes; correct/specific: open-world answers)."
+echo "MCQ: held-out questions over the 8 classes of two values per attribute; correct/specific: open-world answers)."
 python evaluate.py --summary "${ROWS[@]}" --names "${NAMES[@]}" | tee "$OUT/table.txt"
