@@ -471,9 +471,10 @@ def _decode_step_buffer(model, tokens, position_ids, kv):
     attention with M-RoPE and grouped KV heads, then the gated MLP), calling the layers' own modules
     (so LoRA and FSDP2's gathered weights are used as they are) but none of their per-call machinery:
     no mask building, no cache objects, no kwargs plumbing (on the tiny model on a CPU, bench.py's
-    StaticCache row against the default one: 5-25% of a step over this session's runs). Checked against the model's own forward (`_decode_step`) in tests/test_vlm.py. The
-    cache is written in place at one position per step, the shape a compiled or CUDA-graph-captured
-    step needs (the one function to replace for that)."""
+    StaticCache row against the default one: 5-25% of a step over this session's runs). Checked against
+    the model's own forward (`_decode_step`) in tests/test_vlm.py. The cache is written in place at one
+    position per step, the shape a compiled or CUDA-graph-captured step needs (the one function to
+    replace for that)."""
     hf = unwrap(model)
     lm = hf.model.language_model
     x = lm.embed_tokens(tokens[:, None])                       # (B, 1, hidden)
