@@ -117,7 +117,7 @@ def matmul_tflops(device, dtype):
     return 2 * n ** 3 / t / 1e12
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
     ap.add_argument("--model", default=None, help="a checkpoint folder instead of --shape")
@@ -135,7 +135,11 @@ def main():
                     help="update with LoRA adapters of this rank, set up as grpo.py does (0: every weight trains, "
                          "in the model's dtype)")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate"}
+SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate",
+           "bench.py": "bench"}
 
 
 class Captured(Exception):
@@ -115,3 +116,4 @@ def test_bench_runs_and_reports_every_row(extra, update_row):
     for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step", update_row,
                 "update: MFU"):
         assert row in done.stdout, row
+

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU half of bench.py and of the sampler's checks, in one call (about 10 minutes on an H100/H200).
+# Written for the first session that is lent a GPU; not yet run on one. Everything lands in OUT.
+#
+#   bash runs/gpu_checks.sh            # OUT=out/gpu
+#
+# 1. the fast decode step's logits against the model's own forward, fp32 and bf16, on CUDA
+# 2. bench.py at GRPO shapes, 3B and 7B (random weights, bf16, 32 prompts x 8 x 256 tokens, 448 px):
+#    sampler vs model.generate, decode vs the memory bandwidth, update MFU, projected recipe hours
+# 3. does GRPO with LoRA on the 7B shape (G 8, 1024 new tokens, gradient checkpointing) fit? its peak
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -m pytest -q tests/test_vlm.py -k "logits_equal or greedy_equals_generate" -rs | tee "$OUT/tests.txt"
+for shape in 3b 7b; do
+  python bench.py --shape $shape --dtype bf16 --prompts 32 --group 8 --new_tokens 256 --image_size 448 \
+    --micro_batch 16 --repeats 1 | tee "$OUT/bench_$shape.txt"
+done
+python bench.py --shape 7b --dtype bf16 --prompts 1 --group 8 --new_tokens 1024 --image_size 448 \
+  --lora_r 64 --gradient_checkpointing --micro_batch 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"
