@@ -2,8 +2,9 @@
 
 - rollout: generated tokens/s of vlm.sample_completions (prefill once, G samples per prompt, the
   hand-written decode step over a preallocated KV buffer; also its reference paths, the model's own
-  forward over StaticCache and over DynamicCache) against `model.generate` producing the same samples (same model, prompts, images, G, new tokens; EOS disabled
-  so every row has the same length), and their ratio;
+  forward over StaticCache and over DynamicCache) against `model.generate` producing the same samples
+  (same model, prompts, images, G, new tokens; EOS disabled so every row has the same length), and
+  their ratio;
 - decode step vs the memory-bandwidth limit: bytes a decode step must read (language-model weights +
   the KV cache at the mean context) / the step's time, as a share of the bandwidth measured on this device;
 - update: one scorer forward + backward over the completions (tokens/s) and an MFU estimate
