@@ -172,7 +172,7 @@ def prepare_toy(args):
                          n_patterns=args.patterns, size=args.size, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, test_per_class=args.test_per_class,
                          pretrain_per_class=args.pretrain_per_class, rotation=args.rotation,
-                         jitter=args.jitter)
+                         jitter=args.jitter, names=args.names)
     table = load_classes(args.out)
     b = len(class_names(table, "base"))
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
@@ -329,6 +329,9 @@ def build_parser():
     t.add_argument("--jitter", type=float, default=0.08, help="max shift of a shape from the centre (share of the side)")
     t.add_argument("--pretrain-per-class", type=int, default=32,
                    help="pretrain images per class (all classes); each gives 3 attribute questions and 1 MCQ")
+    t.add_argument("--names", default="attributes", choices=toy.NAMES,
+                   help="class names: 'attributes' (striped red triangle) or 'epithets' (an invented word for "
+                        "the pattern whose meaning depends on colour and shape: kavi red circle)")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)

@@ -2,7 +2,9 @@
 
 Classes are every combination of a shape, a colour and a pattern, named compositionally
 ("striped red triangle"), in a three-level hierarchy: shape ⊃ colour+shape ⊃ pattern+colour+shape, so
-"triangle" is generic and "red triangle" less specific. Look-alike classes differ in one attribute.
+"triangle" is generic and "red triangle" less specific. With `names="epithets"` the pattern word of a
+name is an invented epithet whose meaning differs from one colour+shape to the next ("kavi red
+circle"; `make_world`), so that naming takes knowledge as well as sight (runs/toy_learn.sh). Look-alike classes differ in one attribute.
 Images are small (56 px by default) with random position, scale, rotation, colour jitter, background
 tint and pixel noise, so no two images of a class are the same.
 
@@ -48,6 +50,8 @@ SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
 COLOURS = {"red": (215, 40, 40), "green": (40, 155, 55), "blue": (45, 80, 215), "yellow": (235, 205, 40),
            "purple": (135, 55, 175), "orange": (240, 135, 30)}
 PATTERNS = ["solid", "striped", "dotted", "checked", "ringed"]
+EPITHETS = ["kavi", "mulo", "tesa", "rino", "danu"]  # names="epithets": invented words, one per pattern value
+NAMES = ("attributes", "epithets")
 
 SHAPE_TEXT = {"circle": "a round outline with no corners", "square": "four equal straight sides and four corners",
               "triangle": "three straight sides and three corners", "star": "five sharp points",
@@ -67,8 +71,18 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "vision": 4}  # v
 # ----------------------------------------------------------------------------------------------
 # the class table
 
-def make_world(n_shapes=4, n_colours=4, n_patterns=4):
-    """The class table: every (shape, colour, pattern), ids ordered so that base = first ceil(n/2)."""
+def make_world(n_shapes=4, n_colours=4, n_patterns=4, names="attributes"):
+    """The class table: every (shape, colour, pattern), ids ordered so that base = first ceil(n/2).
+
+    names="attributes": "striped red triangle", the name spells out all three attributes.
+    names="epithets": "kavi red triangle", the pattern is replaced by an invented epithet (`EPITHETS`)
+    whose meaning depends on the colour and shape: "kavi" is striped among red circles and checked
+    among green circles (a seeded permutation per colour+shape). As with "Laysan" or "Black-footed"
+    Albatross, the name says the genus (red triangle) but not what the species looks like: a model must
+    know which epithet goes with which look, and that knowledge is what learning to tell look-alikes
+    apart can add (runs/toy_learn.sh). Aliases swap the first two words; parents are the same."""
+    if names not in NAMES:
+        raise ValueError(f"toy names must be one of {NAMES}, got {names!r}")
     for what, n, pool in (("shapes", n_shapes, SHAPES), ("colours", n_colours, COLOURS), ("patterns", n_patterns, PATTERNS)):
         if not 2 <= n <= len(pool):
             raise ValueError(f"the toy world needs 2..{len(pool)} {what}, got {n}")
@@ -79,7 +93,13 @@ def make_world(n_shapes=4, n_colours=4, n_patterns=4):
     classes = []
     for i, (s, c, p) in enumerate(combos):
         shape, colour, pattern = SHAPES[s], colours[c], PATTERNS[p]
-        classes.append({"id": i, "name": f"{pattern} {colour} {shape}", "aliases": [f"{colour} {pattern} {shape}"],
+        if names == "epithets":
+            words = EPITHETS[:n_patterns]
+            random.Random(f"epithets:{shape}:{colour}").shuffle(words)
+            pattern_word = words[p]
+        else:
+            pattern_word = pattern
+        classes.append({"id": i, "name": f"{pattern_word} {colour} {shape}", "aliases": [f"{colour} {pattern_word} {shape}"],
                         "parents": [shape, f"{colour} {shape}"], "base": i < n_base,
                         "attributes": {"shape": shape, "colour": colour, "pattern": pattern}})
     for attribute in ("shape", "colour", "pattern"):
@@ -242,16 +262,17 @@ def _mcq(cls, others, rng):
 # the whole world on disk
 
 def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
-             val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08):
+             val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08,
+             names="attributes"):
     """Write the toy world to `out`; returns {file stem: records} for the summary table."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
-    classes = make_world(n_shapes, n_colours, n_patterns)
+    classes = make_world(n_shapes, n_colours, n_patterns, names)
     base = [c for c in classes if c["base"]]
     config = {"seed": seed, "shapes": n_shapes, "colours": n_colours, "patterns": n_patterns, "size": size,
               "train_per_class": train_per_class, "val_per_class": val_per_class,
               "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class,
-              "rotation": rotation, "jitter": jitter}
+              "rotation": rotation, "jitter": jitter, "names": names}
     write_classes(os.path.join(out, "classes.json"),
                   {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
 

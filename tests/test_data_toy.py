@@ -38,6 +38,38 @@ def test_classes_hierarchy_and_names():
     assert striped_red_triangle["parents"] == ["triangle", "red triangle"]
 
 
+def test_epithet_names_hide_the_pattern_behind_a_word_that_depends_on_colour_and_shape():
+    plain, named = toy.make_world(), toy.make_world(names="epithets")
+    assert len({c["name"] for c in named}) == 64
+    for p, c in zip(plain, named):  # same classes, split and hierarchy; only the pattern word differs
+        assert {k: p[k] for k in ("id", "parents", "base", "attributes")} == {k: c[k] for k in ("id", "parents", "base", "attributes")}
+        epithet, rest = c["name"].split(" ", 1)
+        assert epithet in toy.EPITHETS and rest == f"{c['attributes']['colour']} {c['attributes']['shape']}"
+        assert c["aliases"] == [f"{c['attributes']['colour']} {epithet} {c['attributes']['shape']}"]
+        assert not set(c["name"].split()) & set(toy.PATTERNS)
+    by_parent = {}
+    for c in named:
+        by_parent.setdefault(c["parents"][1], []).append(c["name"].split()[0])
+    assert all(len(set(words)) == 4 for words in by_parent.values())  # a permutation within each colour+shape
+    meanings = {}
+    for c in named:
+        meanings.setdefault(c["name"].split()[0], set()).add(c["attributes"]["pattern"])
+    assert all(len(m) >= 3 for m in meanings.values())  # no epithet stands for one pattern
+    with pytest.raises(ValueError, match="toy names"):
+        toy.make_world(names="latin")
+
+
+def test_epithet_world_files(tmp_path):
+    toy.generate(str(tmp_path), seed=0, names="epithets", **SMALL)
+    table = load_classes(tmp_path)
+    assert table["config"]["names"] == "epithets"
+    names = set(class_names(table))
+    mcq = read_records(tmp_path / "test_mcq.jsonl", known_labels=names)
+    assert mcq and all(set(r["options"]) <= names and len(r["options"]) == 8 for r in mcq)
+    sft = read_records(tmp_path / "sft.jsonl", known_labels=names)
+    assert all(r["target"].endswith(f"<answer>{r['label']}</answer>") for r in sft)
+
+
 def test_lookalikes_differ_in_one_attribute():
     classes = toy.make_world()
     for c in classes:
