@@ -4,7 +4,8 @@ Classes are every combination of a shape, a colour and a pattern, named composit
 ("striped red triangle"), in a three-level hierarchy: shape ⊃ colour+shape ⊃ pattern+colour+shape, so
 "triangle" is generic and "red triangle" less specific. With `names="epithets"` the pattern word of a
 name is an invented epithet whose meaning differs from one colour+shape to the next ("kavi red
-circle"; `make_world`), so that naming takes knowledge as well as sight (runs/toy_learn.sh). Look-alike classes differ in one attribute.
+circle"; `make_world`), so that naming takes knowledge as well as sight (runs/toy_learn.sh).
+Look-alike classes differ in one attribute.
 Images are small (56 px by default) with random position, scale, rotation, colour jitter, background
 tint and pixel noise, so no two images of a class are the same.
 

@@ -13,24 +13,14 @@
 # 4. GRPO      grpo.py with DiVE-k's reward (mcq + format) on those MCQs
 # 5. evaluate  evaluate.py after each stage: open-ended base / novel / HM, held-out MCQs (options: the 8
 #              classes of two values per attribute), open-world correctness / specificity; one table.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/toy_common.sh"
 OUT=${OUT:-out/toy}
 D=$OUT/data
-export PYTHONUNBUFFERED=1
-SECONDS=0
-stage() { echo; echo "=== [$(printf '%3d' $SECONDS)s] $*"; }
 
 stage "0. the toy world"
 [ -f "$D/classes.json" ] || python -m data.prepare toy --out "$D" --seed 0
 
-if [ ! -f "$OUT/base/final/config.json" ]; then
-  stage "1. the base model: vision tower pretraining"
-  python runs/toy_base.py --data "$D" --out "$OUT/vision"
-  stage "1. the base model: attribute questions and MCQs about all classes"
-  python sft.py --model "$OUT/vision" --data "$D/pretrain.jsonl" --out "$OUT/base" --batch_size 8 \
-    --micro_batch_size 8 --lr 1e-3 --max_steps 800 --device cpu
-fi
+build_base "$D" "$OUT"
 
 evaluate() {  # evaluate MODEL FOLDER: open-ended and open-world on base+novel, MCQ on base test images
   python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --classes "$D/classes.json" \
