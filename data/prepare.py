@@ -172,7 +172,8 @@ def prepare_toy(args):
                          n_patterns=args.patterns, size=args.size, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, test_per_class=args.test_per_class,
                          pretrain_per_class=args.pretrain_per_class, rotation=args.rotation,
-                         jitter=args.jitter, names=args.names)
+                         jitter=args.jitter, names=args.names,
+                         pretrain_naming=args.pretrain_naming)
     table = load_classes(args.out)
     b = len(class_names(table, "base"))
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
@@ -332,6 +333,9 @@ def build_parser():
     t.add_argument("--names", default="attributes", choices=toy.NAMES,
                    help="class names: 'attributes' (striped red triangle) or 'epithets' (an invented word for "
                         "the pattern whose meaning depends on colour and shape: kavi red circle)")
+    t.add_argument("--pretrain-naming", action="store_true",
+                   help="pretrain images also get the mining question (class names listed: the true one and "
+                        "1..31 others), answered with the name, so the base model can name from a list")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)

@@ -27,7 +27,9 @@ Files written (all in the record format of data/records.py, images as PNG under 
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
-  base model knows every name (as a real VLM knows bird names) but has not learned to name from sight;
+  base model knows every name (as a real VLM knows bird names) but has not learned to name from sight.
+  With `pretrain_naming` (the learning benchmark, runs/toy_learn.sh) it also asks DiVE-k's mining
+  question, the true class listed among 1..31 others, so the base model names from a list before mining;
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
 - test_mcq.jsonl: closed-world MCQs on test_base images, options = the 8 corners of a cube around the
   true class (one other value per attribute and every combination: `mcq_cube`), so that the options'
@@ -264,8 +266,12 @@ def _mcq(cls, others, rng):
 
 def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
              val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08,
-             names="attributes"):
-    """Write the toy world to `out`; returns {file stem: records} for the summary table."""
+             names="attributes", pretrain_naming=False):
+    """Write the toy world to `out`; returns {file stem: records} for the summary table.
+
+    `pretrain_naming`: the pretraining mix also asks DiVE-k's mining question (the open-ended question
+    that lists class names, in id order) with the true class among 1..31 random others, answered with
+    its name, so the base model can name from a list, as an Instruct model can, before it is mined."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
     classes = make_world(n_shapes, n_colours, n_patterns, names)
@@ -273,7 +279,8 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     config = {"seed": seed, "shapes": n_shapes, "colours": n_colours, "patterns": n_patterns, "size": size,
               "train_per_class": train_per_class, "val_per_class": val_per_class,
               "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class,
-              "rotation": rotation, "jitter": jitter, "names": names}
+              "rotation": rotation, "jitter": jitter, "names": names,
+              "pretrain_naming": pretrain_naming}
     write_classes(os.path.join(out, "classes.json"),
                   {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
 
@@ -318,6 +325,12 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="mcq",
                                              question=mcq_question("toy", options), options=options, answer=letter,
                                              target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))
+        if pretrain_naming:
+            listed = rng.sample([c for c in classes if c is not cls], rng.randint(1, min(31, len(classes) - 1)))
+            listed = sorted(listed + [cls], key=lambda c: c["id"])
+            files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_list",
+                                                 question=open_question("toy", [c["name"] for c in listed]),
+                                                 target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))
     rng.shuffle(files["pretrain"])  # a mixture of tasks: interleave them
 
     by_class = {}

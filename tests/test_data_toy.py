@@ -206,6 +206,25 @@ def test_pretrain_covers_all_classes_and_never_asks_for_a_name_openly(world):
             assert answer == by_class[r["label"]][r["task"]]
 
 
+def test_pretrain_naming_asks_the_mining_question_with_the_true_class_listed(tmp_path):
+    toy.generate(str(tmp_path), seed=0, names="epithets", pretrain_naming=True, **SMALL)
+    table = load_classes(tmp_path)
+    assert table["config"]["pretrain_naming"] is True
+    by_name = {c["name"]: c for c in table["classes"]}
+    pretrain = read_records(tmp_path / "pretrain.jsonl", known_labels=set(by_name))
+    assert Counter(r["task"] for r in pretrain)["open_list"] == 128  # one per pretrain image
+    sizes = set()
+    for r in (r for r in pretrain if r["task"] == "open_list"):
+        listed = r["question"].split("Choose one of: ")[1].split(". First think")[0].split(", ")
+        assert r["label"] in listed and len(set(listed)) == len(listed) and set(listed) <= set(by_name)
+        assert [by_name[n]["id"] for n in listed] == sorted(by_name[n]["id"] for n in listed)  # id order, as mined
+        assert r["question"] == open_question("toy", listed)
+        assert r["target"].endswith(f"<answer>{r['label']}</answer>")
+        sizes.add(len(listed))
+    assert min(sizes) >= 2 and max(sizes) <= 32 and len(sizes) > 10
+    # without the flag (the default world) no pretraining question names a class openly: tested above
+
+
 def test_triplets(world):
     _, table, files = world
     by_name = {c["name"]: c for c in table["classes"]}
