@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The learning benchmark (issue 6): does GRPO with DiVE-k's MCQ reward teach the model something?
 #
-#   bash runs/toy_learn.sh             # OUT=out/toy_learn; ~7 minutes on 2 CPU cores (4 of them: the start model)
+#   bash runs/toy_learn.sh             # OUT=out/toy_learn; ~9 minutes on 2 CPU cores (5 of them: the start model)
 #   CONTROL=1 bash runs/toy_learn.sh   # + the same GRPO with the format reward only (no MCQ signal)
+#   SEED=1 OUT=out/toy_learn_s1 bash runs/toy_learn.sh   # the world drawn from another seed (other images)
 #
 # On the default toy world (names that spell out the attributes, "striped red triangle") the MCQ is pure
 # perception: the SFT'd model sits at ~90% held-out MCQ, the vision tower's own ceiling, and nothing is
 # left to learn. Here the world names the pattern with an invented epithet whose meaning depends on the
-# colour and shape ("kavi red circle" is striped, "kavi green circle" checked): the starting model (the
-# tiny model after sft.py on the pretraining mix: attribute questions and MCQs against random others, as
-# toy.sh builds it) sees shape, colour and pattern, but does not know which epithet goes with which look.
-# DiVE-k mines its own confusions and GRPO on those MCQs should teach it. Held-out MCQ: test images, options
-# the 8 corners of an attribute cube. Measured (README): start 38.7 -> 41.8 (+3.1), format-only control
-# 20.3; this start model rarely names a class when mining, so its MCQs are the truth + 2 random others.
+# colour and shape ("kavi red circle" is striped, "kavi green circle" checked). The starting model is the
+# tiny model after sft.py on the pretraining mix, built as toy.sh builds its base, plus (--pretrain-naming)
+# DiVE-k's mining question with the true class among 1..31 listed names: it sees shape, colour and
+# pattern and names from a list, but has not learned which epithet goes with which look. DiVE-k mines its
+# own confusions (about half the mined distractors share the true class's shape and colour) and GRPO on
+# those MCQs teaches it. Held-out MCQ: test images, options the 8 corners of an attribute cube.
+# Measured (README): start 31.2 -> 44.9 (+13.7); format-only control 30.1; SEED=1: 41.0 -> 56.6 (+15.6).
 source "$(dirname "$0")/toy_common.sh"
 OUT=${OUT:-out/toy_learn}
 D=$OUT/data
 
 stage "0. the toy world with epithet names"
-[ -f "$D/classes.json" ] || python -m data.prepare toy --out "$D" --seed 0 --names epithets
+[ -f "$D/classes.json" ] || python -m data.prepare toy --out "$D" --seed "${SEED:-0}" --names epithets --pretrain-naming
+grep -q '"pretrain_naming": true' "$D/classes.json" || { echo "$D is an older world without --pretrain-naming: delete $OUT and rerun" >&2; exit 1; }
 
 build_base "$D" "$OUT"  # the starting model, built as toy.sh builds its base
 
@@ -40,7 +43,7 @@ train() {  # train NAME REWARD
   python grpo.py --model "$OUT/base/final" --data "$OUT/mine/mcq.jsonl" --classes "$D/classes.json" \
     --out "$OUT/$1" --reward "$2" --loss grpo --beta 0.04 --group_size 8 --prompts_per_step 16 \
     --temperature 1.0 --max_new_tokens 32 --lr 3e-4 --max_steps 120 --micro_batch_size 32 \
-    --rollout_prompts 16 --device cpu  # lr 1e-3 (60 steps, first trial's start model): 23.4%
+    --rollout_prompts 16 --device cpu
   mcq "$OUT/$1/final" "$OUT/eval/$1"
 }
 train grpo mcq+format
