@@ -329,13 +329,14 @@ def build_parser():
     t.add_argument("--rotation", type=float, default=15.0, help="max rotation of a shape, degrees either way")
     t.add_argument("--jitter", type=float, default=0.08, help="max shift of a shape from the centre (share of the side)")
     t.add_argument("--pretrain-per-class", type=int, default=32,
-                   help="pretrain images per class (all classes); each gives 3 attribute questions and 1 MCQ")
+                   help="pretrain images per class (all classes); each gives 3 attribute questions and 1 MCQ "
+                        "(and 1 listed naming question with --pretrain-naming)")
     t.add_argument("--names", default="attributes", choices=toy.NAMES,
                    help="class names: 'attributes' (striped red triangle) or 'epithets' (an invented word for "
                         "the pattern whose meaning depends on colour and shape: kavi red circle)")
     t.add_argument("--pretrain-naming", action="store_true",
                    help="pretrain images also get the mining question (class names listed: the true one and "
-                        "1..31 others), answered with the name, so the base model can name from a list")
+                        "1..(base classes - 1) others), answered with the name, so the base model can name from a list")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)

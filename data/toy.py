@@ -29,7 +29,8 @@ Files written (all in the record format of data/records.py, images as PNG under 
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
   base model knows every name (as a real VLM knows bird names) but has not learned to name from sight.
   With `pretrain_naming` (the learning benchmark, runs/toy_learn.sh) it also asks DiVE-k's mining
-  question, the true class listed among 1..31 others, so the base model names from a list before mining;
+  question, the true class listed among 1..(base classes - 1) others, so the base model names from a
+  list before mining;
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
 - test_mcq.jsonl: closed-world MCQs on test_base images, options = the 8 corners of a cube around the
   true class (one other value per attribute and every combination: `mcq_cube`), so that the options'
@@ -270,7 +271,7 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     """Write the toy world to `out`; returns {file stem: records} for the summary table.
 
     `pretrain_naming`: the pretraining mix also asks DiVE-k's mining question (the open-ended question
-    that lists class names, in id order) with the true class among 1..31 random others, answered with
+    that lists class names, in id order) with the true class among 1 to len(base) - 1 random others, answered with
     its name, so the base model can name from a list, as an Instruct model can, before it is mined."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
@@ -326,7 +327,8 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
                                              question=mcq_question("toy", options), options=options, answer=letter,
                                              target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))
         if pretrain_naming:
-            listed = rng.sample([c for c in classes if c is not cls], rng.randint(1, min(31, len(classes) - 1)))
+            # 2 .. len(base) names, as many as the mining prompt lists (the base classes)
+            listed = rng.sample([c for c in classes if c is not cls], rng.randint(1, len(base) - 1))
             listed = sorted(listed + [cls], key=lambda c: c["id"])
             files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_list",
                                                  question=open_question("toy", [c["name"] for c in listed]),
