@@ -1,6 +1,6 @@
 """bench.py — how fast are rollouts and updates? Measured in one run, printed as one table.
 
-- rollout: generated tokens/s of vlm.sample_completions (prefill once, G samples per prompt, the
+- rollout: generated tokens/s of engine.sample_completions (prefill once, G samples per prompt, the
   hand-written decode step over a preallocated KV buffer; also its reference paths, the model's own
   forward over StaticCache and over DynamicCache) against `model.generate` producing the same samples
   (same model, prompts, images, G, new tokens; EOS disabled so every row has the same length), and
@@ -13,15 +13,14 @@
 
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
-    python bench.py --shape 7b --dtype bf16 --prompts 32 --group 8 --new_tokens 256 --image_size 448
-    python bench.py --shape 7b --dtype bf16 --prompts 1 --group 8 --new_tokens 1024 --image_size 448 \
-        --lora_r 64 --gradient_checkpointing --micro_batch 8      # does GRPO with LoRA on 7B fit one GPU?
+    python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
+    python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
+        --lora_r 64 --gradient_checkpointing --micro_batch_size 8      # does GRPO with LoRA on 7B fit one GPU?
 The 3B/7B shapes are built from their configs with random weights (the timing does not depend on the
 weights' values), so nothing is downloaded.
 """
 
 import argparse
-import math
 import resource
 import time
 
@@ -30,6 +29,9 @@ import torch
 from PIL import Image
 
 import vlm
+from common import add_runtime_args, resolve_device, resolve_dtype
+from engine import sample_completions
+from tiny import build_tiny_model
 
 # Qwen2.5-VL-3B/7B-Instruct's config.json values that set the compute (vocabulary, widths, depths)
 SHAPES = {
@@ -120,22 +122,21 @@ def matmul_tflops(device, dtype):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
-    ap.add_argument("--model", default=None, help="a checkpoint folder instead of --shape")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--prompts", type=int, default=8, help="distinct prompts (images)")
-    ap.add_argument("--group", type=int, default=8, help="G samples per prompt")
-    ap.add_argument("--new_tokens", type=int, default=64, help="tokens generated per sample (EOS disabled)")
-    ap.add_argument("--image_size", type=int, default=56, help="square image side in pixels")
-    ap.add_argument("--micro_batch", type=int, default=16, help="completions per forward+backward in the update")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
-    ap.add_argument("--skip_generate", action="store_true", help="do not time model.generate")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    ap.add_argument("--lora_r", type=int, default=0,
-                    help="update with LoRA adapters of this rank, set up as grpo.py does (0: every weight trains, "
-                         "in the model's dtype)")
-    ap.add_argument("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
+    a = ap.add_argument
+    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    a("--model", default=None, help="a checkpoint folder instead of --shape")
+    a("--prompts_per_call", type=int, default=8, help="distinct prompts (images) in the sampler call")
+    a("--num_samples", type=int, default=8, help="G samples per prompt")
+    a("--max_new_tokens", type=int, default=64, help="tokens generated per sample (EOS disabled)")
+    a("--image_size", type=int, default=56, help="square image side in pixels")
+    a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
+    a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
+    a("--skip_generate", action="store_true", help="do not time model.generate")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--lora_r", type=int, default=0, help="update with LoRA adapters of this rank, set up as grpo.py does "
+                                            "(0: every weight trains, in the model's dtype)")
+    a("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
+    add_runtime_args(ap)
     return ap.parse_args(argv)
 
 
@@ -143,13 +144,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = vlm.resolve_dtype(args.dtype)
-    torch.manual_seed(0)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
 
     import tempfile
     tmp = tempfile.mkdtemp()
-    tiny_dir = args.model or vlm.build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1)
+    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1)
     if args.model is None and args.shape != "tiny":
         model = real_shape(args.shape, tiny_dir, dtype, device)
     else:
@@ -157,10 +158,10 @@ def main(argv=None):
     proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
-              for _ in range(args.prompts)]
-    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts)
+              for _ in range(args.prompts_per_call)]
+    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts_per_call)
     batch = batch.to(device)
-    P, G, N = args.prompts, args.group, args.new_tokens
+    P, G, N = args.prompts_per_call, args.num_samples, args.max_new_tokens
     n_gen = P * G * N
     rows = []
     peak_memory_gb(device)
@@ -168,7 +169,7 @@ def main(argv=None):
     # rollout: ours vs generate, identical work
     def ours(max_new=N, cache_kind="buffer"):
         gen = torch.Generator(device=device).manual_seed(0)
-        return vlm.sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
+        return sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
                                       generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
                                       banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
 
@@ -221,12 +222,12 @@ def main(argv=None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     rows_batch = batch.repeat_interleave(G)
-    mb = args.micro_batch
+    mb = args.micro_batch_size
 
     def update():
         for s in range(0, P * G, mb):
             idx = list(range(s, min(s + mb, P * G)))
-            with vlm.autocast(device, args.dtype == "bf16"):
+            with vlm.autocast(device, dtype == torch.bfloat16):
                 logp = vlm.sequence_logprobs(model, rows_batch.select(idx), roll.completion_ids[idx],
                                              roll.completion_mask[idx])
             (-logp.sum() / n_gen).backward()
@@ -251,7 +252,7 @@ def main(argv=None):
     rows.append(("update: MFU", f"{mfu * 100:.1f}%", f"vs {peak_label}", ""))
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {args.dtype}) on {where}; "
+    print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {where}; "
           f"{P} prompts x {G} samples x {N} new tokens, {args.image_size}px images, prompt {batch.input_ids.shape[1]} tokens")
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:

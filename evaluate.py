@@ -8,7 +8,7 @@ Modes (`--mode`, several allowed in one run so the model is loaded once):
               reward.TaxonomyVerifier built from classes.json, or from an LLM judge (`--verifier_model`,
               verdicts cached in SQLite). Correctness = share of items neither wrong nor abstaining (no
               answer counts as not correct); Specificity = share of the correct ones that are specific
-              or more specific; spec_hm = their harmonic mean (methods.md section 6).
+              or more specific; spec_hm = their harmonic mean (docs/methods.md §6).
   mcq         closed-world: records carry `options` and `answer` (toy test_mcq.jsonl, or mine_topk.py).
   two_step    DiVE-k's two-step inference: sample N answers with the split's class list (mine_topk's
               candidate step), take the top-k valid names by frequency as options (no ground-truth
@@ -17,7 +17,7 @@ Modes (`--mode`, several allowed in one run so the model is loaded once):
               (`fallback: "single"`); one with none has no prediction and counts as wrong ("none"), as
               does an MCQ answer that names no single option.
 
-Decoding is greedy, batched through vlm.sample_completions. Base/novel membership comes from the class
+Decoding is greedy, batched through engine.sample_completions. Base/novel membership comes from the class
 table's `base` flag of each record's label. Per dataset (record `dataset` field): acc, and when the
 dataset has novel classes base_acc, novel_acc and hm = 2BN/(B+N) (0 when B+N = 0; null when a side has
 no items). Few-shot tables (all classes base) report plain acc. The mean over datasets averages each
@@ -41,9 +41,9 @@ metrics_<mode>.json:
      "mean": {same keys, + "datasets"}}
 with every rate a fraction in [0, 1] (the table prints percentages).
 
-Resume: each (data file, mode) keeps per-rank shards keyed by record index (vlm.ResumableShards);
+Resume: each (data file, mode) keeps per-rank shards keyed by record index (common.ResumableShards);
 rerunning the same command skips finished images. Data-parallel results are merged in key order; with
-`--batch_size 1` they are byte-for-byte those of one process (larger batches pad rows differently).
+`--prompts_per_call 1` they are byte-for-byte those of one process (larger batches pad rows differently).
 """
 
 import argparse
@@ -54,11 +54,13 @@ import os
 import time
 from collections import Counter, defaultdict
 
-import torch
 
 import vlm
+from common import (ResumableShards, add_image_args, add_runtime_args, barrier, cleanup, init_distributed, positive,
+                    print0, read_jsonl, shard, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
 from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records
+from engine import sample_completions
 from mine_topk import build_mcq, listed_classes, mcq_rng, sample_candidates
 from reward import (CATEGORIES, LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct,
                     mcq_choice, mcq_correct, open_world_metrics, specificity_categories, text_inclusion)
@@ -174,7 +176,7 @@ def format_table(metrics_list, names):
 
 def greedy(model, processor, images, questions, args, device):
     batch = processor.encode(images, questions).to(device)
-    roll = vlm.sample_completions(model, batch, max_new_tokens=args.max_new_tokens, greedy=True,
+    roll = sample_completions(model, batch, max_new_tokens=args.max_new_tokens, greedy=True,
                                   **processor.sampling_tokens)
     return processor.decode(roll.completion_ids, roll.completion_mask)
 
@@ -230,7 +232,7 @@ def predict_batch(mode, records, idx, ctx):
     if mode == "two_step":
         counts = sample_candidates(ctx["model"], ctx["processor"], recs, listed, n=args.num_samples,
                                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                   seed=args.seed, batch_prompts=len(ok), device=device, indices=[i for i, _ in ok])
+                                   seed=args.seed, prompts_per_call=len(ok), device=device, indices=[i for i, _ in ok])
         asks = []
         for (i, row), rec, image, c in zip(ok, recs, images, counts):
             c = c if c is not None else Counter()  # (the image was readable a moment ago: practically never)
@@ -293,24 +295,6 @@ def make_verifier_for(args, table, d):
 
 # ----------------------------------------------------------------------------------------------------
 # --compare and --plot
-
-
-def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # blank or crash-cut line
-                pass
-    return rows
-
-
-def write_jsonl(path, rows):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
 
 
 def compare(paths, table=None):
@@ -402,34 +386,33 @@ def plot_curves(logs, out, keys=None):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint folder or Hub id to evaluate")
-    ap.add_argument("--data", nargs="+", help="records JSONL file(s), e.g. test_base.jsonl test_novel.jsonl")
-    ap.add_argument("--classes", help="classes.json (base flags, aliases, hierarchy)")
-    ap.add_argument("--out", help="output folder: predictions_<mode>.jsonl, metrics_<mode>.json")
-    ap.add_argument("--mode", nargs="+", default=["open"], choices=MODES, help="one or more evaluation modes")
-    ap.add_argument("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
-                    help="class names listed in open / two_step prompts (split = the image's base or novel "
-                         "list); default none for open, split for two_step")
-    ap.add_argument("--batch_size", type=int, default=8, help="images per sampler call")
-    ap.add_argument("--max_new_tokens", type=int, default=512, help="completion length limit")
-    ap.add_argument("--num_samples", type=int, default=20, help="two_step: answers sampled per image")
-    ap.add_argument("--k", type=int, default=5, help="two_step: options (most frequent valid answers)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="two_step: candidate sampling temperature")
-    ap.add_argument("--top_p", type=float, default=0.95, help="two_step: candidate sampling nucleus mass")
-    ap.add_argument("--seed", type=int, default=0, help="two_step: candidate sampling and option shuffle seed")
-    ap.add_argument("--verifier_model", default=None, help="open_world: local text model as LLM judge")
-    ap.add_argument("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N records of each file (0 = all)")
-    ap.add_argument("--skip_bad", action="store_true", help="drop malformed records instead of stopping")
-    ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--max_pixels", type=int, default=vlm.DEFAULT_MAX_PIXELS, help="image size cap (pixels)")
-    ap.add_argument("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
-    ap.add_argument("--summary", nargs="+", metavar="DIR", help="one row per evaluation folder (metrics_*.json)")
-    ap.add_argument("--names", nargs="+", default=None, help="row names for --summary")
-    ap.add_argument("--plot", nargs="+", metavar="LOG", help="plot training curves from JSONL logs")
-    ap.add_argument("--plot_out", default="curves.png", help="PNG written by --plot")
-    ap.add_argument("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
+    a = ap.add_argument
+    a("--model", help="checkpoint folder or Hub id to evaluate")
+    a("--data", nargs="+", help="records JSONL file(s), e.g. test_base.jsonl test_novel.jsonl")
+    a("--classes", help="classes.json (base flags, aliases, hierarchy)")
+    a("--out", help="output folder: predictions_<mode>.jsonl, metrics_<mode>.json")
+    a("--mode", nargs="+", default=["open"], choices=MODES, help="one or more evaluation modes")
+    a("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
+      help="class names listed in open / two_step prompts (split = the image's base or novel list); default "
+           "none for open, split for two_step")
+    a("--prompts_per_call", type=positive("--prompts_per_call"), default=8, help="images per sampler call")
+    a("--max_new_tokens", type=positive("--max_new_tokens"), default=512, help="completion length limit")
+    a("--num_samples", type=positive("--num_samples"), default=20, help="two_step: answers sampled per image")
+    a("--k", type=positive("--k"), default=5, help="two_step: options (most frequent valid answers)")
+    a("--temperature", type=float, default=1.0, help="two_step: candidate sampling temperature")
+    a("--top_p", type=float, default=0.95, help="two_step: candidate sampling nucleus mass")
+    a("--verifier_model", default=None, help="open_world: local text model as LLM judge")
+    a("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
+    a("--limit", type=int, default=0, help="only the first N records of each file (0 = all)")
+    a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    add_image_args(ap)
+    add_runtime_args(ap)  # --seed: two_step's candidate sampling and option shuffle
+    a("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
+    a("--summary", nargs="+", metavar="DIR", help="one row per evaluation folder (metrics_*.json)")
+    a("--names", nargs="+", default=None, help="row names for --summary")
+    a("--plot", nargs="+", metavar="LOG", help="plot training curves from JSONL logs")
+    a("--plot_out", default="curves.png", help="PNG written by --plot")
+    a("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
     args = ap.parse_args(argv)
     if not (args.compare or args.plot or args.summary) and not all([args.model, args.data, args.classes, args.out]):
         ap.error("--model, --data, --classes and --out are required (or use --compare / --summary / --plot)")
@@ -447,7 +430,7 @@ def main(argv=None):
     if args.plot:
         plot_curves(args.plot, args.plot_out, args.plot_keys)
         return
-    d = vlm.init_distributed(args.device)
+    d = init_distributed(args.device)
     table = load_classes(args.classes)
     index = ClassIndex(table)
     known = set(class_names(table, "all"))
@@ -460,7 +443,7 @@ def main(argv=None):
         if bad:
             raise SystemExit(f"--mode mcq needs records with 'options' and 'answer': {bad}")
     model = vlm.load_model(args.model, d.device, args.dtype)
-    processor = vlm.Processor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,
            "listed": {m: class_list_for(m, args, table, index) for m in MODES},
            "verifier_for": make_verifier_for(args, table, d) if "open_world" in args.mode else None}
@@ -470,17 +453,17 @@ def main(argv=None):
         for path, records in files:
             tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
             stem = os.path.splitext(os.path.basename(path))[0]
-            shards = vlm.ResumableShards(os.path.join(args.out, "parts", f"{mode}.{stem}.{tag}.jsonl"), d)
+            shards = ResumableShards(os.path.join(args.out, "parts", f"{mode}.{stem}.{tag}.jsonl"), d)
             other = {r.get("model") for r in shards.rows} - {args.model}
             if other:
                 raise SystemExit(f"{args.out} holds unfinished {mode} predictions of another model {other}: "
                                  "use another --out or delete its parts/ folder")
-            pending = [i for i in vlm.shard(list(range(len(records))), d) if i not in shards.done]
-            vlm.print0(f"[{mode}] {path}: {len(records)} images, {len(shards.done)} done, "
+            pending = [i for i in shard(list(range(len(records))), d) if i not in shards.done]
+            print0(f"[{mode}] {path}: {len(records)} images, {len(shards.done)} done, "
                        f"{len(pending)} to do on rank 0")
             ctx["file"] = stem
-            for s in range(0, len(pending), args.batch_size):
-                shards.append(predict_batch(mode, records, pending[s:s + args.batch_size], ctx))
+            for s in range(0, len(pending), args.prompts_per_call):
+                shards.append(predict_batch(mode, records, pending[s:s + args.prompts_per_call], ctx))
             parts.append(shards)
         rows = [row for shards in parts for row in shards.merge()]  # merge only once every file is done
         if d.is_main:
@@ -494,9 +477,8 @@ def main(argv=None):
                 json.dump(metrics, f, indent=1)
             print(format_table([metrics], [os.path.basename(os.path.normpath(args.out))]))
             print(f"[{mode}] {len(rows)} predictions in {time.time() - t0:.1f}s -> {args.out}")
-        vlm.barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        barrier()
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """mine_topk.py — DiVE-k's first stage: mine each training image's top-k confusions and make MCQs of them.
 
-For every training image (methods.md section 3):
+For every training image (docs/methods.md §3):
   1. sample N answers (default 20, temperature 1.0, top-p 0.95) to the open-ended question that lists the
      class names (`--class_list base`); the image is prefilled once for its N samples;
   2. keep the answers whose <answer> names a class exactly (reward.ClassMatcher: normalised name or alias)
      and count them; answers that name no class are counted as invalid;
-  3. build the MCQ from the counts (`build_mcq`, the rules of methods.md 3.2) and write it as a record:
+  3. build the MCQ from the counts (`build_mcq`, the rules of docs/methods.md §3.2) and write it as a record:
      the original fields + `options`, `answer` (ground-truth letter), `counts` {name: count, most
      frequent first}, `mined_valid`, `mined_total`;
   4. beside the output write `confusions.json`: per class, the classes its images were mistaken for,
@@ -24,14 +24,14 @@ ground truth is among the options. evaluate.py's two_step mode calls the same `s
 Valid answers are the classes listed in the prompt, or the base classes when the prompt lists none
 (`--class_list none`): training on base-to-novel data must never turn a novel name into an option.
 
-Determinism. Each rank takes every world_size-th image and forms batches of `--batch_prompts`
+Determinism. Each rank takes every world_size-th image and forms batches of `--prompts_per_call`
 consecutive ones; a batch's sampler generator is seeded from (seed, index of its first image), and an
-MCQ's shuffle from (seed, image index). With `--batch_prompts 1` every image has its own generator, so
+MCQ's shuffle from (seed, image index). With `--prompts_per_call 1` every image has its own generator, so
 the output is byte-for-byte the same for any number of ranks and across resumes. Larger batches are
 faster but change which rows share a generator (and the padding) when the world size changes, so
 outputs then agree in distribution only.
 
-Resume. Each rank appends its finished images to its own shard (vlm.ResumableShards) after every
+Resume. Each rank appends its finished images to its own shard (common.ResumableShards) after every
 batch; rerunning the same command skips finished images. Images that fail to load are skipped and
 counted, never fatal.
 """
@@ -46,8 +46,10 @@ from collections import Counter
 import torch
 
 import vlm
+from common import ResumableShards, add_image_args, add_runtime_args, cleanup, init_distributed, positive, print0, shard
 from data.prompts import open_question
 from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records, write_records
+from engine import sample_completions
 from reward import LETTERS, ClassMatcher, extract_answer
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def count_answers(texts, matcher):
 
 def build_mcq(counts, ground_truth, *, k=5, all_classes=(), rng, skip_trivial=True, insert_gt=True,
               n_random=2):
-    """DiVE-k's MCQ from the counts of one image (methods.md 3.2). Returns (options, letter) or (None, reason).
+    """DiVE-k's MCQ from the counts of one image (docs/methods.md §3.2). Returns (options, letter) or (None, reason).
 
     1. Rank the valid names by count; ties keep the order of first occurrence (Counter.most_common),
        so the same samples always give the same MCQ. Options = the k most frequent.
@@ -159,8 +161,8 @@ def _per_record(x):
 # the candidate step: N samples per image, counted
 
 def candidate_batches(model, processor, records, indices, class_names, valid=None, *, n, temperature=1.0,
-                      top_p=1.0, max_new_tokens=256, seed=0, batch_prompts=1, device="cpu"):
-    """Yield, for each batch of `batch_prompts` consecutive `indices`, [(index, counts, texts, error)].
+                      top_p=1.0, max_new_tokens=256, seed=0, prompts_per_call=1, device="cpu"):
+    """Yield, for each batch of `prompts_per_call` consecutive `indices`, [(index, counts, texts, error)].
 
     `class_names`: the names listed in each prompt (a list, or a function record -> list; entries are names
     or class dicts; empty -> no list). `valid`: the classes counted as valid answers (default: the listed
@@ -168,8 +170,8 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
     """
     listed, valid = _per_record(class_names), _per_record(valid if valid is not None else class_names)
     matchers = {}  # one ClassMatcher per distinct class list
-    for s in range(0, len(indices), batch_prompts):
-        batch_idx = list(indices[s:s + batch_prompts])
+    for s in range(0, len(indices), prompts_per_call):
+        batch_idx = list(indices[s:s + prompts_per_call])
         results, ok, images = {}, [], []
         for i in batch_idx:
             try:
@@ -183,7 +185,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
             batch = processor.encode(images, questions).to(device)
             # seeded by the batch's first image (not by rank or step), so a rerun samples the same answers
             generator = torch.Generator(device=device).manual_seed(item_seed(seed, batch_idx[0]))
-            roll = vlm.sample_completions(model, batch, group_size=n, max_new_tokens=max_new_tokens,
+            roll = sample_completions(model, batch, group_size=n, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, generator=generator,
                                           **processor.sampling_tokens)
             texts = processor.decode(roll.completion_ids, roll.completion_mask)
@@ -198,7 +200,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
 
 
 def sample_candidates(model, processor, records, class_names, *, n, temperature, top_p, max_new_tokens, seed,
-                      batch_prompts, device, valid=None, indices=None):
+                      prompts_per_call, device, valid=None, indices=None):
     """AnswerCounts per record (None where the image failed to load): the candidate step of mining and of
     two-step inference. `indices` are the records' global item indices (seeding); default 0..len-1."""
     indices = list(range(len(records))) if indices is None else list(indices)
@@ -206,7 +208,7 @@ def sample_candidates(model, processor, records, class_names, *, n, temperature,
     out = {}
     for batch in candidate_batches(model, processor, by_index, indices, class_names, valid, n=n,
                                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                   seed=seed, batch_prompts=batch_prompts, device=device):
+                                   seed=seed, prompts_per_call=prompts_per_call, device=device):
         out.update({i: counts for i, counts, _, _ in batch})
     return [out[i] for i in indices]
 
@@ -253,70 +255,69 @@ def summarize_mining(rows, k):
 
 
 def print_summary(s, k):
-    vlm.print0(f"images {s['images']}  mined {s['mined']}  MCQs written {s['mcqs']}  skipped {s['skipped']} "
-               f"{s['skip_reasons']}")
-    vlm.print0(f"ground truth among the top-{k}: {100 * s['gt_in_topk']:.1f}%   mean distinct valid options: "
-               f"{s['mean_valid_options']:.2f}   valid answers: {100 * s['valid_answer_rate']:.1f}%")
+    print0(f"images {s['images']}  mined {s['mined']}  MCQs written {s['mcqs']}  skipped {s['skipped']} "
+           f"{s['skip_reasons']}")
+    print0(f"ground truth among the top-{k}: {100 * s['gt_in_topk']:.1f}%   mean distinct valid options: "
+           f"{s['mean_valid_options']:.2f}   valid answers: {100 * s['valid_answer_rate']:.1f}%")
     for item in s["skipped_items"][:20]:
-        vlm.print0(f"  skipped #{item['key']} {item['image']} ({item['label']}): {item['reason']}")
+        print0(f"  skipped #{item['key']} {item['image']} ({item['label']}): {item['reason']}")
     if len(s["skipped_items"]) > 20:
-        vlm.print0(f"  ... and {len(s['skipped_items']) - 20} more (all listed in the summary file)")
+        print0(f"  ... and {len(s['skipped_items']) - 20} more (all listed in the summary file)")
 
 
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder or Hub id to sample from")
-    ap.add_argument("--data", required=True, help="records JSONL (e.g. data/toy/train.jsonl)")
-    ap.add_argument("--classes", required=True, help="classes.json of the dataset (class list, aliases, base)")
-    ap.add_argument("--out", required=True, help="output MCQ records JSONL; confusions.json goes beside it")
-    ap.add_argument("--num_samples", type=int, default=20, help="N answers sampled per image")
-    ap.add_argument("--k", type=int, default=5, help="options per MCQ (the k most frequent valid answers)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    ap.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
-    ap.add_argument("--max_new_tokens", type=int, default=512, help="completion length limit")
-    ap.add_argument("--seed", type=int, default=0, help="sampling and MCQ-shuffle seed")
-    ap.add_argument("--class_list", default="base", choices=["base", "novel", "all", "none"],
-                    help="class names listed in the prompt (and counted as valid; none: base are valid)")
-    ap.add_argument("--batch_prompts", type=int, default=4,
-                    help="images per sampler call (x num_samples rows); 1 = identical output for any world size")
-    ap.add_argument("--no_skip_trivial", dest="skip_trivial", action="store_false",
-                    help="keep images whose only valid answer is the ground truth (DiVE-k skips them)")
-    ap.add_argument("--candidates", action="store_true",
-                    help="two-step inference candidate step: the model's own top-k, no ground truth added")
-    ap.add_argument("--keep_texts", action="store_true", help="also store the N raw completions per record")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
-    ap.add_argument("--skip_bad", action="store_true", help="drop malformed records instead of stopping")
-    ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--max_pixels", type=int, default=vlm.DEFAULT_MAX_PIXELS, help="image size cap (pixels)")
+    a = ap.add_argument
+    a("--model", required=True, help="checkpoint folder or Hub id to sample from")
+    a("--data", required=True, help="records JSONL (e.g. data/toy/train.jsonl)")
+    a("--classes", required=True, help="classes.json of the dataset (class list, aliases, base)")
+    a("--out", required=True, help="output MCQ records JSONL; confusions.json goes beside it")
+    a("--num_samples", type=positive("--num_samples"), default=20, help="N answers sampled per image")
+    a("--k", type=positive("--k"), default=5, help="options per MCQ (the k most frequent valid answers)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature")
+    a("--top_p", type=float, default=0.95, help="nucleus sampling mass")
+    a("--max_new_tokens", type=positive("--max_new_tokens"), default=512, help="completion length limit")
+    a("--class_list", default="base", choices=["base", "novel", "all", "none"],
+      help="class names listed in the prompt (and counted as valid; none: base are valid)")
+    a("--prompts_per_call", type=positive("--prompts_per_call"), default=4,
+      help="images per sampler call (x num_samples rows); 1 = identical output for any world size")
+    a("--no_skip_trivial", dest="skip_trivial", action="store_false",
+      help="keep images whose only valid answer is the ground truth (DiVE-k skips them)")
+    a("--candidates", action="store_true",
+      help="two-step inference candidate step: the model's own top-k, no ground truth added")
+    a("--keep_texts", action="store_true", help="also store the N raw completions per record")
+    a("--limit", type=int, default=0, help="only the first N records (0 = all)")
+    a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    add_image_args(ap)
+    add_runtime_args(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    d = vlm.init_distributed(args.device)
+    d = init_distributed(args.device)
     table = load_classes(args.classes)
     records = read_records(args.data, skip_bad=args.skip_bad, known_labels=set(class_names(table, "all")))
     records = records[:args.limit] if args.limit else records
     model = vlm.load_model(args.model, d.device, args.dtype)
-    processor = vlm.Processor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
 
-    shards = vlm.ResumableShards(args.out, d)
-    pending = [i for i in vlm.shard(list(range(len(records))), d) if i not in shards.done]
-    vlm.print0(f"{len(records)} images, {len(shards.done)} already done, {len(pending)} to mine on rank 0 "
-               f"({d.world_size} rank(s)), {args.num_samples} samples each")
+    shards = ResumableShards(args.out, d)
+    pending = [i for i in shard(list(range(len(records))), d) if i not in shards.done]
+    print0(f"{len(records)} images, {len(shards.done)} already done, {len(pending)} to mine on rank 0 "
+           f"({d.world_size} rank(s)), {args.num_samples} samples each")
     listed = lambda r: listed_classes(table, r.get("dataset"), args.class_list)
     valid = lambda r: listed_classes(table, r.get("dataset"), args.class_list if args.class_list != "none" else "base")
     t0, done = time.time(), 0
     for batch in candidate_batches(model, processor, records, pending, listed, valid, n=args.num_samples,
                                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                   seed=args.seed, batch_prompts=args.batch_prompts, device=d.device):
+                                   seed=args.seed, prompts_per_call=args.prompts_per_call, device=d.device):
         shards.append([mined_row(records[i], i, counts, texts, err, args, table) for i, counts, texts, err in batch])
         done += len(batch)
         if done == len(pending) or done % max(1, len(pending) // 10) < len(batch):
-            vlm.print0(f"rank 0: {done}/{len(pending)} images, {done / (time.time() - t0):.2f} images/s")
+            print0(f"rank 0: {done}/{len(pending)} images, {done / (time.time() - t0):.2f} images/s")
 
     rows = shards.merge()  # all ranks wait here; rank 0 writes the key-ordered rows to args.out
     if d.is_main:
@@ -331,10 +332,8 @@ def main(argv=None):
         with open(os.path.splitext(args.out)[0] + ".summary.json", "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), **summary}, f, ensure_ascii=False, indent=1)
         print_summary(summary, args.k)
-        vlm.print0(f"wrote {args.out} ({len(mcqs)} MCQs) and {os.path.join(folder, 'confusions.json')}")
-    vlm.barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        print0(f"wrote {args.out} ({len(mcqs)} MCQs) and {os.path.join(folder, 'confusions.json')}")
+    cleanup()
 
 
 if __name__ == "__main__":

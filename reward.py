@@ -51,7 +51,7 @@ ARTICLES = ("a", "an", "the")
 
 
 def normalize(name):
-    """The one normalisation of class names and answers (methods.md section 2).
+    """The one normalisation of class names and answers (docs/methods.md §2).
 
     NFKC (full-width 'Ｔｅｒｎ' becomes 'tern'), lower case, possessive 's dropped ("Brewer's" ->
     "brewer", matching CUB's "Brewer_Blackbird"), dashes and underscores to spaces, other punctuation

@@ -30,50 +30,39 @@ from collections import Counter
 import torch
 
 import vlm
+from checkpoint import save_if_due
+from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, init_distributed, positive,
+                    print0, progress, shard)
 from data.prompts import question_for
-from data.records import ImageError, load_classes, class_names, read_records
+from data.records import ImageError, class_names, load_classes, load_image, read_records
 
 
-def get_args(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF id or folder of the starting checkpoint")
-    ap.add_argument("--data", nargs="+", required=True, help="training JSONL file(s)")
-    ap.add_argument("--val_data", nargs="*", default=[], help="JSONL file(s) for the validation loss")
-    ap.add_argument("--classes", default=None, help="classes.json (needed by --question open_list)")
-    ap.add_argument("--out", required=True, help="output folder: step_*/ checkpoints, final/, log.jsonl")
-    ap.add_argument("--question", default="auto", choices=["auto", "record", "open", "open_list", "open_world"],
-                    help="auto = the record's `question` field if it has one, else the open-ended question")
-    ap.add_argument("--target", default="auto", choices=["auto", "record", "answer"],
-                    help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
-    ap.add_argument("--per_class", type=int, default=0,
-                    help="keep only the first N records of each label (Fine-R1: one example per seen class)")
-    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max_steps)")
-    ap.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
-    ap.add_argument("--batch_size", type=int, default=16, help="global examples per optimizer step")
-    ap.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward on one rank")
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    ap.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps with linear warmup")
-    ap.add_argument("--weight_decay", type=float, default=0.0)
-    ap.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    ap.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    ap.add_argument("--lora_alpha", type=float, default=32)
-    ap.add_argument("--lora_dropout", type=float, default=0.05)
-    ap.add_argument("--train_vision", action="store_true", help="also train the vision tower and merger")
-    ap.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    ap.add_argument("--max_target_tokens", type=int, default=4096, help="longer targets are cut (and counted)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: bf16 weights/compute, fp32 master weights")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (torchrun) instead of DDP")
-    ap.add_argument("--min_pixels", type=int, default=None)
-    ap.add_argument("--max_pixels", type=int, default=vlm.DEFAULT_MAX_PIXELS)
-    ap.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept on disk")
-    ap.add_argument("--val_every", type=int, default=0, help="validation loss every N steps (0: at the end)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resume", action="store_true", help="continue from the newest step_* in --out")
-    ap.add_argument("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
-    ap.add_argument("--no_check_images", action="store_true", help="do not open every image before training")
+    a = ap.add_argument
+    a("--model", required=True, help="HF id or folder of the starting checkpoint")
+    a("--data", nargs="+", required=True, help="training JSONL file(s)")
+    a("--val_data", nargs="*", default=[], help="JSONL file(s) for the validation loss")
+    a("--classes", default=None, help="classes.json (needed by --question open_list)")
+    a("--out", required=True, help="output folder: step_*/ checkpoints, final/, log.jsonl")
+    a("--question", default="auto", choices=["auto", "record", "open", "open_list", "open_world"],
+      help="auto = the record's `question` field if it has one, else the open-ended question")
+    a("--target", default="auto", choices=["auto", "record", "answer"],
+      help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
+    a("--per_class", type=int, default=0,
+      help="keep only the first N records of each label (Fine-R1: one example per seen class)")
+    a("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
+    a("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max_steps)")
+    a("--batch_size", type=positive("--batch_size"), default=16, help="examples per optimizer step over all ranks")
+    a("--micro_batch_size", type=positive("--micro_batch_size"), default=4, help="examples per forward on one rank")
+    a("--max_new_tokens", type=positive("--max_new_tokens"), default=4096,
+      help="longest target trained on, in tokens; longer targets are cut")
+    vlm.add_training_args(ap, lr=1e-5, schedule="cosine", warmup_ratio=0.03)
+    a("--val_every", type=int, default=0, help="validation loss every N steps (0: at the end)")
+    a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    a("--no_check_images", action="store_true", help="do not open every image before training")
+    add_image_args(ap)
+    add_runtime_args(ap)
     return ap.parse_args(argv)
 
 
@@ -89,12 +78,12 @@ def make_example(record, args, names):
     return record["image"], question_for(record, mode, names), text
 
 
-def encode_examples(examples, processor, device, max_target_tokens):
+def encode_examples(examples, processor, device, max_new_tokens):
     """PromptBatch + right-padded target ids/mask; examples whose image fails are dropped (and counted)."""
     images, questions, targets, bad = [], [], [], 0
     for path, question, target in examples:
         try:
-            images.append(vlm.load_image(path))
+            images.append(load_image(path))
         except ImageError as e:
             print(f"warning: skipped {e}", flush=True)
             bad += 1
@@ -105,7 +94,7 @@ def encode_examples(examples, processor, device, max_target_tokens):
         return None, None, None, bad
     batch = processor.encode(images, questions).to(device)
     ids, mask = processor.encode_completions(targets, device)
-    return batch, ids[:, :max_target_tokens], mask[:, :max_target_tokens], bad
+    return batch, ids[:, :max_new_tokens], mask[:, :max_new_tokens], bad
 
 
 def epoch_order(n, epoch, seed):
@@ -121,25 +110,34 @@ def global_batch(step, n, batch_size, seed):
 
 
 @torch.no_grad()
-def validation_loss(policy, examples, processor, d, args, bf16):
+def validation_loss(trainable, examples, processor, d, args, bf16):
     nll, tokens = 0.0, 0.0
-    mine = vlm.shard(examples, d)
+    mine = shard(examples, d)
     for s in range(0, len(mine), args.micro_batch_size):
         batch, ids, mask, _ = encode_examples(mine[s:s + args.micro_batch_size], processor, d.device,
-                                              args.max_target_tokens)
+                                              args.max_new_tokens)
         if batch is None:
             continue
         with vlm.autocast(d.device, bf16):
-            logp = policy(batch, ids, mask)
+            logp = trainable(batch, ids, mask)
         nll, tokens = nll - float(logp.sum()), tokens + float(mask.sum())
-    nll, tokens = vlm.all_reduce_sum([nll, tokens], d.device)
+    nll, tokens = all_reduce_sum([nll, tokens], d.device)
     return nll / max(tokens, 1.0)
 
 
+def first_per_class(records, n):
+    """The first n records of each label, in file order."""
+    kept, seen = [], Counter()
+    for r in records:
+        seen[r["label"]] += 1
+        if seen[r["label"]] <= n:
+            kept.append(r)
+    return kept
+
+
 def main(argv=None):
-    args = get_args(argv)
-    d = vlm.init_distributed(args.device)
-    bf16 = args.dtype == "bf16"
+    args = parse_args(argv)
+    d = init_distributed(args.device)
     torch.manual_seed(args.seed + d.rank)  # LoRA dropout differs per rank; data order does not
     os.makedirs(args.out, exist_ok=True)
 
@@ -148,96 +146,58 @@ def main(argv=None):
     read = lambda paths: [r for p in paths for r in read_records(p, check_images=not args.no_check_images,
                                                                  skip_bad=args.skip_bad)]
     records = read(args.data)
-    if args.per_class:  # the first N records of each label, in file order
-        kept, seen = [], Counter()
-        for r in records:
-            seen[r["label"]] += 1
-            if seen[r["label"]] <= args.per_class:
-                kept.append(r)
-        records = kept
+    if args.per_class:
+        records = first_per_class(records, args.per_class)
     train = [make_example(r, args, names) for r in records]
     val = [make_example(r, args, names) for r in read(args.val_data)]
     if args.batch_size % d.world_size:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {d.world_size} ranks")
     if len(train) < args.batch_size:
         raise SystemExit(f"{len(train)} training examples < --batch_size {args.batch_size}")
-    steps_per_epoch = len(train) // args.batch_size
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * (len(train) // args.batch_size)))
 
-    # model: resume takes the weights from the checkpoint (full fine-tuning) or its adapter (LoRA)
-    resume_from = vlm.latest_checkpoint(args.out) if args.resume else None
-    full_ft_resume = resume_from and args.lora_r == 0
-    model = vlm.load_model(resume_from if full_ft_resume else args.model, "cpu" if args.fsdp else d.device,
-                           "fp32" if args.fsdp else args.dtype)
-    processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
-    params = vlm.configure_trainable(model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                                     lora_dropout=args.lora_dropout, train_vision=args.train_vision,
-                                     gradient_checkpointing=args.gradient_checkpointing)
-    if resume_from and args.lora_r:
-        vlm.load_lora_weights(model, resume_from)
-    trainable, policy = vlm.wrap_policy(model.to(d.device), d, fsdp=args.fsdp, bf16=bf16)
-    params = [p for p in policy.parameters() if p.requires_grad]  # (FSDP2 replaced them by shards)
-    optimizer = vlm.make_optimizer(params, args.lr, args.weight_decay)
-    scheduler = vlm.lr_schedule(optimizer, args.schedule, int(args.warmup_ratio * total_steps), total_steps)
-    start, skipped_steps = 0, 0
-    if resume_from:
-        start, extra = vlm.load_training_state(resume_from, policy, optimizer, scheduler, fsdp=args.fsdp)
-        skipped_steps = extra.get("skipped_steps", 0)
-        vlm.print0(f"resumed from {resume_from} at step {start}")
-    vlm.print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
-               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")
+    training = vlm.setup_training(args, d, total_steps)
+    skipped_steps = training.resumed.get("skipped_steps", 0)
+    print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
+           f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")
 
-    log = vlm.JsonlLog(os.path.join(args.out, "log.jsonl"), d)
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d)
     per_rank = args.batch_size // d.world_size
-    bar = vlm.progress(start, total_steps, d, "sft")
-    policy.train()
+    bar = progress(training.start_step, total_steps, d, "sft")
+    training.policy.train()
     for step in bar:
         t0 = time.time()
         mine = global_batch(step, len(train), args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        micro = [encode_examples([train[i] for i in mine[s:s + args.micro_batch_size]], processor, d.device,
-                                 args.max_target_tokens) for s in range(0, len(mine), args.micro_batch_size)]
+        micro = [encode_examples([train[i] for i in mine[s:s + args.micro_batch_size]], training.processor, d.device,
+                                 args.max_new_tokens) for s in range(0, len(mine), args.micro_batch_size)]
         micro = [m for m in micro if m[0] is not None]
-        # token mean over the global batch: every rank divides by the same count; DDP/FSDP average the
+        if not micro and d.world_size > 1:
+            raise RuntimeError("a rank had no loadable example in its share of the batch")
+        # the token mean over the global batch: every rank divides by the same count; DDP/FSDP average the
         # gradients over ranks, so multiply by world_size to get the plain sum / N_tok
-        n_tokens, n_bad = vlm.all_reduce_sum([sum(float(m[2].sum()) for m in micro), sum(m[3] for m in micro)], d.device)
+        n_tokens, n_bad = all_reduce_sum([sum(float(m[2].sum()) for m in micro), sum(m[3] for m in micro)], d.device)
         loss_sum = 0.0
         for i, (batch, ids, mask, _) in enumerate(micro):
-            sync = i == len(micro) - 1 or not hasattr(trainable, "no_sync")
-            with (contextlib.nullcontext() if sync else trainable.no_sync()), vlm.autocast(d.device, bf16):
-                logp = trainable(batch, ids, mask)
+            sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
+            with (contextlib.nullcontext() if sync else training.trainable.no_sync()), \
+                    vlm.autocast(d.device, training.bf16):
+                logp = training.trainable(batch, ids, mask)
                 loss = -logp.sum() / n_tokens * d.world_size
             loss.backward()
             loss_sum += float(loss.detach()) / d.world_size
-        if not micro and hasattr(trainable, "no_sync"):
-            raise RuntimeError("a rank had no loadable example in its share of the batch")
-        grad_norm = vlm.clip_gradients(trainable, params, args.grad_clip)
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        else:  # never let a NaN/inf into the weights
-            skipped_steps += 1
-            print(f"warning: step {step}: non-finite gradient norm, update skipped", flush=True)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss_sum = vlm.all_reduce_sum([loss_sum], d.device)[0]
-        row = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        grad_norm = training.optimizer_step()
+        skipped_steps += not math.isfinite(grad_norm)
+        loss_sum = all_reduce_sum([loss_sum], d.device)[0]
+        row = {"step": step + 1, "loss": loss_sum, "lr": training.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens": n_tokens, "tokens_per_s": n_tokens / (time.time() - t0), "bad_images": n_bad,
                "skipped_steps": skipped_steps}
         if val and ((args.val_every and (step + 1) % args.val_every == 0) or step + 1 == total_steps):
-            row["val_loss"] = validation_loss(trainable, val, processor, d, args, bf16)
+            row["val_loss"] = validation_loss(training.trainable, val, training.processor, d, args, training.bf16)
         log.write(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        last = step + 1 == total_steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            # the last step goes to final/ (loadable with from_pretrained, and resumable like the others)
-            name = "final" if last else f"step_{step + 1:06d}"
-            vlm.save_training_checkpoint(os.path.join(args.out, name), policy, processor, d, step=step + 1,
-                                         optimizer=optimizer, scheduler=scheduler,
-                                         extra={"skipped_steps": skipped_steps, "args": vars(args)}, fsdp=args.fsdp)
-            if d.is_main:
-                vlm.prune_checkpoints(args.out, args.keep)
-    vlm.print0(f"done: {args.out}/final" + (f" ({skipped_steps} steps skipped)" if skipped_steps else ""))
-    if vlm.dist.is_initialized():
-        vlm.dist.destroy_process_group()
+        save_if_due(training, args, d, step + 1, total_steps, {"skipped_steps": skipped_steps})
+    print0(f"done: {args.out}/final" + (f" ({skipped_steps} steps skipped)" if skipped_steps else ""))
+    cleanup()
 
 
 if __name__ == "__main__":

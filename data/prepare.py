@@ -12,7 +12,7 @@ What it does, in order:
    ships none, base/novel by the CoCoOp rule, K-shot by the Dassl rule with a seed;
 3. DIR/classes.json and the JSONL files are written atomically, and a table of counts is printed;
 4. with --check every image is opened: bad records are listed with file and line (exit status 1), or
-   with --skip-bad dropped from the files and counted.
+   with --skip_bad dropped from the files and counted.
 
 Prepared folder: classes.json, then base2novel: train.jsonl (base classes), val.jsonl (base),
 test_base.jsonl, test_novel.jsonl; fewshot / all: train.jsonl, val.jsonl, test.jsonl (all classes).
@@ -37,7 +37,7 @@ settings (--setting):
   fewshot     Dassl: K images per class (--shots, default 4; with replacement where a class has fewer),
               val min(K,4) per class, seeded by --seed (the papers use 1, 2, 3); test.jsonl: all classes.
   all         the full official train / val / test.
-  Validation is carved from train where a dataset has none (CoOp: --val-fraction 0.2 of each class,
+  Validation is carved from train where a dataset has none (CoOp: --val_fraction 0.2 of each class,
   fixed seed, so it does not change with --seed)."""
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def _finish_check(args, paths, known_labels):
         return
     bad = check_files(paths, known_labels, args.skip_bad)
     if bad and not args.skip_bad:
-        raise SystemExit(f"--check: {bad} bad record(s); fix them or rerun with --skip-bad to drop them")
+        raise SystemExit(f"--check: {bad} bad record(s); fix them or rerun with --skip_bad to drop them")
     print(f"--check: every image opened ({bad} bad record(s) dropped)" if bad else "--check: every image opened")
 
 
@@ -238,13 +238,13 @@ def build_parser():
     common.add_argument("--shots", type=int, default=None,
                         help="K images per class in train (Dassl rule); base2novel: all if not given; fewshot: default 4")
     common.add_argument("--seed", type=int, default=1, help="seed of the few-shot sampling (papers: 1, 2, 3)")
-    common.add_argument("--val-fraction", type=float, default=0.2,
+    common.add_argument("--val_fraction", type=float, default=0.2,
                         help="share of each class's train images carved as val where the dataset has none")
     common.add_argument("--taxonomy", default=None,
                         help="taxonomy file giving parents (and aliases) per class; format in `cub --help`")
     common.add_argument("--domain", default=None, help="noun for the classes.json domain (default from the dataset name)")
     common.add_argument("--check", action="store_true", help="open every image after writing; list bad records")
-    common.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records and print how many")
+    common.add_argument("--skip_bad", action="store_true", help="with --check: drop bad records and print how many")
 
     def dataset(name, help_text, layout, root_help, extra=()):
         p = sub.add_parser(name, parents=[common], help=help_text, formatter_class=fmt,
@@ -265,6 +265,7 @@ def build_parser():
     name = lambda default, required=False: (("--name",), {"default": default, "required": required,
                                                            "help": "dataset name written in every record"})
     dataset("cub", "CUB-200-2011, official index files (200 birds; --taxonomy for parents)",
+            "Download: CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158\n"
             "Layout: CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt,\n"
             "images/<NNN.Class_Name>/*.jpg}. Splits: train 5,994 / test 5,794 (val carved from train).\n"
             "Names: 'Black footed Albatross'; aliases: folder name, hyphens and possessives restored\n"
@@ -272,29 +273,38 @@ def build_parser():
             + loaders.TAXONOMY_FORMAT,
             "the CUB_200_2011 folder (or the folder holding it)")
     dataset("aircraft", "FGVC-Aircraft, official files (100 variants; parents manufacturer > family)",
+            "Download: fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/\n"
             "Layout: fgvc-aircraft-2013b/data/{variants.txt, images_variant_{train,val,test}.txt,\n"
             "images_{family,manufacturer}_{train,val,test}.txt, images/<id>.jpg}; 3,334 / 3,333 / 3,333.\n"
             "Parents: manufacturer > family ('737-800' -> Boeing > Boeing 737); alias 'Boeing 737-800'.",
             "fgvc-aircraft-2013b (or its data/ folder)")
     dataset("pets", "Oxford-IIIT Pets, official or CoOp json (37 breeds; parent cat / dog)",
+            "Download: images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/\n"
+            "(unpack both into one folder).\n"
             "Official layout: annotations/{list.txt, trainval.txt, test.txt}, images/<stem>.jpg; or CoOp's\n"
             "split_zhou_OxfordPets.json with images/. Parent: cat or dog.",
             "oxford-iiit-pet folder (official) or CoOp's oxford_pets folder", [layout(["auto", "official", "coop"]), images])
     dataset("flowers", "Oxford Flowers-102, CoOp json or official .mat (102 species)",
+            "Download: the images from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ and CoOp's split file\n"
+            "(linked from https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md).\n"
             "CoOp layout: oxford_flowers/{split_zhou_OxfordFlowers.json, jpg/}. Official: imagelabels.mat,\n"
             "setid.mat, jpg/ and cat_to_name.json for the names (needs scipy).",
             "oxford_flowers folder", [layout(["auto", "coop", "mat"]), images])
     dataset("cars", "Stanford Cars, CoOp json or devkit .mat (196 models; parent make)",
+            "Download: the original page at ai.stanford.edu is often offline; CoOp's DATASETS.md\n"
+            "(https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) lists mirrors and the split file.\n"
             "CoOp layout: stanford_cars/{split_zhou_StanfordCars.json, cars_train/, cars_test/}. Official:\n"
             "devkit/{cars_meta.mat, cars_train_annos.mat}, cars_test_annos_withlabels.mat (needs scipy).\n"
             "Names year first ('2012 Tesla Model S Sedan'), alias with the year last; parent: the make.",
             "stanford_cars folder", [layout(["auto", "coop", "mat"]), images])
-    dataset("food", "Food-101, CoOp json (101 dishes)", "CoOp layout: food-101/{split_zhou_Food101.json, images/}.",
+    dataset("food", "Food-101, CoOp json (101 dishes)", "Download: https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ and CoOp's split file.\n"
+            "CoOp layout: food-101/{split_zhou_Food101.json, images/}.",
             "food-101 folder", [images])
     dataset("coop", "any dataset in CoOp's split_zhou_<Name>.json layout (DTD, EuroSAT, ...)",
             "Layout: <root>/split_zhou_<Name>.json = {\"train\"|\"val\"|\"test\": [[image, label, classname]]}.",
             "the folder holding split_zhou_<Name>.json, or the file", [name(None, True), images])
     dataset("divek", "DiVE-k's split files (the exact splits of the paper)",
+            "Download: the data/<dataset>/ folders of https://github.com/raja-kumar/DiVE-k\n"
             "Layout: <root>/zero_shot/subsample_{base_train,base_val,new_val}.json (base2novel) and\n"
             "<root>/fewshot/4_shots_all_{train,val}.json (fewshot): JSON lists of {image_path, problem,\n"
             "solution: '<answer>NAME</answer>'}. base_val/new_val become test_base/test_novel; trailing\n"
@@ -303,7 +313,7 @@ def build_parser():
             "DiVE-k's per-dataset folder, e.g. DiVE-k/data/CUB_200_2011",
             [name(None), (("--images",), {"default": None, "help": "folder holding the dataset folders the "
                                                                     "image paths start with (default: parent of --root)"})])
-    test_fraction = (("--test-fraction",), {"type": float, "default": 0.3,
+    test_fraction = (("--test_fraction",), {"type": float, "default": 0.3,
                                             "help": "share of each class carved as test (the data has no test split)"})
     dataset("folder", "your own data: <root>/<class name>/*.jpg",
                      "Layout: <root>/<class name>/*.jpg (train/val/test carved per class), or\n"
@@ -323,22 +333,22 @@ def build_parser():
     t.add_argument("--colours", type=int, default=4, help=f"number of colours (2..{len(toy.COLOURS)})")
     t.add_argument("--patterns", type=int, default=4, help=f"number of patterns (2..{len(toy.PATTERNS)})")
     t.add_argument("--size", type=int, default=56, help="image side in pixels (at most 112)")
-    t.add_argument("--train-per-class", type=int, default=24, help="train images per base class")
-    t.add_argument("--val-per-class", type=int, default=4, help="val images per base class")
-    t.add_argument("--test-per-class", type=int, default=8, help="test images per class (base and novel)")
+    t.add_argument("--train_per_class", type=int, default=24, help="train images per base class")
+    t.add_argument("--val_per_class", type=int, default=4, help="val images per base class")
+    t.add_argument("--test_per_class", type=int, default=8, help="test images per class (base and novel)")
     t.add_argument("--rotation", type=float, default=15.0, help="max rotation of a shape, degrees either way")
     t.add_argument("--jitter", type=float, default=0.08, help="max shift of a shape from the centre (share of the side)")
-    t.add_argument("--pretrain-per-class", type=int, default=32,
+    t.add_argument("--pretrain_per_class", type=int, default=32,
                    help="pretrain images per class (all classes); each gives 3 attribute questions and 1 MCQ "
-                        "(and 1 listed naming question with --pretrain-naming)")
+                        "(and 1 listed naming question with --pretrain_naming)")
     t.add_argument("--names", default="attributes", choices=toy.NAMES,
                    help="class names: 'attributes' (striped red triangle) or 'epithets' (an invented word for "
                         "the pattern whose meaning depends on colour and shape: kavi red circle)")
-    t.add_argument("--pretrain-naming", action="store_true",
+    t.add_argument("--pretrain_naming", action="store_true",
                    help="pretrain images also get the mining question (class names listed: the true one and "
                         "1..(base classes - 1) others), answered with the name, so the base model can name from a list")
     t.add_argument("--check", action="store_true", help="open every image after writing")
-    t.add_argument("--skip-bad", action="store_true", help="with --check: drop bad records")
+    t.add_argument("--skip_bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)
 
     m = sub.add_parser("mix", help="mixed-domain train/val from several prepared folders", formatter_class=fmt,
@@ -351,13 +361,17 @@ def build_parser():
 
     c = sub.add_parser("check", help="open every image of prepared files; list bad records with file:line")
     c.add_argument("paths", nargs="+", help="prepared folders or JSONL files")
-    c.add_argument("--skip-bad", action="store_true", help="drop bad records from the files and print how many")
+    c.add_argument("--skip_bad", action="store_true", help="drop bad records from the files and print how many")
     c.set_defaults(func=run_check)
     return parser
 
 
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.func(args)
 
 

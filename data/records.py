@@ -156,7 +156,7 @@ def read_records(path, *, check_images=False, skip_bad=False, known_labels=None)
 # ----------------------------------------------------------------------------------------------
 # writing
 
-def _atomic_write(path, text):
+def atomic_write(path, text):
     """Write text to path so that a reader never sees half a file: temp file, fsync, rename."""
     path = os.path.abspath(str(path))
     folder = os.path.dirname(path)
@@ -192,7 +192,7 @@ def write_records(path, records):
             if key in out:
                 out[key] = _portable_path(out[key], folder)
         lines.append(json.dumps(out, ensure_ascii=False) + "\n")
-    _atomic_write(path, "".join(lines))
+    atomic_write(path, "".join(lines))
 
 
 def make_record(image, cls, dataset, split, **extra):
@@ -218,7 +218,7 @@ def write_classes(path, table):
         lines.append("  " + json.dumps(cls, ensure_ascii=False) + ("," if i < len(classes) - 1 else ""))
     lines.append(" ]")
     lines.append("}")
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def load_classes(path):

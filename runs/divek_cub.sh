@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DiVE-k on CUB, base-to-novel (methods.md section 3): mine the model's own top-5 confusions per training
+# DiVE-k on CUB, base-to-novel (docs/methods.md §3): mine the model's own top-5 confusions per training
 # image, train GRPO on the resulting MCQs with reward = mcq + format, evaluate open-ended and two-step.
 # Paper: Qwen2.5-VL-7B, full fine-tuning incl. the vision tower, G=4, T=1.0, lr 1e-6, KL 0.04 (k3),
 # per-sequence mean loss, max completion 1024, max_pixels 401,408, ~400 steps of 6 prompts (3 GPUs).
@@ -13,7 +13,7 @@ python -m data.prepare cub --root "$CUB" --out data/cub --setting base2novel --s
 
 launch mine_topk.py --model "$MODEL" --data data/cub/train.jsonl --classes data/cub/classes.json \
   --out "$OUT/mine/mcq.jsonl" --num_samples 20 --k 5 --temperature 1.0 --top_p 0.95 --max_new_tokens 1024 \
-  --max_pixels 401408 --class_list base --dtype bf16 --batch_prompts 8
+  --max_pixels 401408 --class_list base --dtype bf16 --prompts_per_call 8
 
 if [ "$NGPU" -gt 1 ]; then
   TRAIN="--fsdp --prompts_per_step $NGPU --max_steps 300"
@@ -21,9 +21,9 @@ else
   TRAIN="--lora_r 64 --lora_alpha 128 --lora_dropout 0.05 --prompts_per_step 6 --max_steps 400"
 fi
 launch grpo.py --model "$MODEL" --data "$OUT/mine/mcq.jsonl" --classes data/cub/classes.json --out "$OUT/grpo" \
-  --reward mcq+format --loss grpo --scale_rewards group --beta 0.04 --group_size 4 --temperature 1.0 \
+  --reward mcq+format --loss grpo --scale_rewards group --beta 0.04 --num_samples 4 --temperature 1.0 \
   --lr 1e-6 --schedule constant --max_new_tokens 1024 --max_pixels 401408 --train_vision \
-  --gradient_checkpointing --micro_batch_size 4 --rollout_prompts 8 --dtype bf16 --save_every 50 $TRAIN
+  --gradient_checkpointing --micro_batch_size 4 --prompts_per_call 8 --dtype bf16 --save_every 50 $TRAIN
 
 launch evaluate.py --model "$OUT/grpo/final" --data data/cub/test_base.jsonl data/cub/test_novel.jsonl \
   --classes data/cub/classes.json --mode open two_step --class_list split --max_new_tokens 1024 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-R1 (methods.md section 5): chain-of-thought SFT, then TAPO. 4-shot setting.
+# Fine-R1 (docs/methods.md §5): chain-of-thought SFT, then TAPO. 4-shot setting.
 # Stage 1 needs the CoT file (JSONL of image, question, target) written by a teacher VLM given the true
 # label: COT=/path/to/cot.jsonl. Settings: full fine-tuning of the language model (vision and projector
 # frozen), lr 5e-6 cosine with warmup, weight decay 0.1, 10 epochs, effective batch 64, bf16.
@@ -21,8 +21,8 @@ else
   SFT="--lora_r 64 --lora_alpha 128 --micro_batch_size 4"; RL="--lora_r 64 --lora_alpha 128"
 fi
 launch sft.py --model "$MODEL" --data "$COT" --out "$OUT/sft" --lr 5e-6 --schedule cosine --warmup_ratio 0.03 \
-  --weight_decay 0.1 --epochs 10 --batch_size 64 --max_target_tokens 4096 --dtype bf16 \
-  --gradient_checkpointing --save_every 100 $SFT
+  --weight_decay 0.1 --epochs 10 --batch_size 64 --max_new_tokens 4096 --dtype bf16 \
+  --gradient_checkpointing --save_every 100 --max_pixels 200704 $SFT  # <= 256 visual tokens; later stages inherit it
 
 # negatives: the class each class is most confused with, from the SFT model's own answers
 launch mine_topk.py --model "$OUT/sft/final" --data data/cub_4shot/train.jsonl \
@@ -32,9 +32,9 @@ launch mine_topk.py --model "$OUT/sft/final" --data data/cub_4shot/train.jsonl \
 launch grpo.py --model "$OUT/sft/final" --data data/cub_4shot/train.jsonl --classes data/cub_4shot/classes.json \
   --confusions "$OUT/mine/confusions.json" --out "$OUT/tapo" --tapo --prompt open \
   --reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_low 0.2 --epsilon_high 0.28 \
-  --dynamic_sampling --group_size 10 --temperature 1.0 --top_p 0.99 --max_new_tokens 2048 \
+  --dynamic_sampling --num_samples 10 --temperature 1.0 --top_p 0.99 --max_new_tokens 2048 \
   --lr 1e-6 --schedule constant --weight_decay 0.01 --gamma 0.01 --eta 0.03 --train_vision \
-  --prompts_per_step 16 --epochs 10 --rollout_prompts 8 --micro_batch_size 4 --gradient_checkpointing \
+  --prompts_per_step 16 --epochs 10 --prompts_per_call 8 --micro_batch_size 4 --gradient_checkpointing \
   --dtype bf16 --save_every 50 $RL
 
 launch evaluate.py --model "$OUT/tapo/final" --data data/cub_4shot/test.jsonl --classes data/cub_4shot/classes.json \

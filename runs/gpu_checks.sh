@@ -16,8 +16,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -m pytest -q tests/test_vlm.py -k "logits_equal or greedy_equals_generate" -rs | tee "$OUT/tests.txt"
 for shape in 3b 7b; do
-  python bench.py --shape $shape --dtype bf16 --prompts 32 --group 8 --new_tokens 256 --image_size 448 \
-    --micro_batch 16 --repeats 1 | tee "$OUT/bench_$shape.txt"
+  python bench.py --shape $shape --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448 \
+    --micro_batch_size 16 --repeats 1 | tee "$OUT/bench_$shape.txt"
 done
-python bench.py --shape 7b --dtype bf16 --prompts 1 --group 8 --new_tokens 1024 --image_size 448 \
-  --lora_r 64 --gradient_checkpointing --micro_batch 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"
+python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
+  --lora_r 64 --gradient_checkpointing --micro_batch_size 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"

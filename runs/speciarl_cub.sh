@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SpeciaRL on CUB (methods.md sections 2 and 4): open-world answers judged into specificity categories,
+# SpeciaRL on CUB (docs/methods.md §2 and §4): open-world answers judged into specificity categories,
 # reward = 1 for the rollouts at the best category of their group (best-in-group anchoring).
 # Paper: Qwen2.5-VL-7B, LoRA r64 / alpha 32 on all language-model linear layers (vision frozen), lr 3e-5,
 # 256 prompts a step in 2 mini-batches of 128, G=10, T=1.0, KL 0.01 (k3), token-mean loss, clip 0.2,
@@ -25,8 +25,9 @@ if [ -n "${VERIFIER:-}" ]; then VERIFY="--verifier_model $VERIFIER"; fi
 launch grpo.py --model "$MODEL" --data data/cub_all/train.jsonl --classes data/cub_all/classes.json \
   --out "$OUT/grpo" --prompt open_world --reward speciarl $VERIFY $LOSS --epsilon_low 0.2 \
   --lora_r 64 --lora_alpha 32 --lora_dropout 0.05 --lr 3e-5 --schedule constant \
-  --prompts_per_step 256 --mini_batches 2 --group_size 10 --temperature 1.0 --max_new_tokens 2048 \
-  --epochs 15 --rollout_prompts 16 --micro_batch_size 8 --gradient_checkpointing --dtype bf16 --save_every 25
+  --prompts_per_step 256 --mini_batches 2 --num_samples 10 --temperature 1.0 --max_new_tokens 2048 \
+  --epochs 15 --prompts_per_call 16 --micro_batch_size 8 --gradient_checkpointing --dtype bf16 --save_every 25 \
+  --max_pixels 200704  # at most 256 visual tokens an image (the Hub config allows 16k); later stages inherit it
 
 launch evaluate.py --model "$OUT/grpo/final" --data data/cub_all/test.jsonl --classes data/cub_all/classes.json \
   --mode open_world $VERIFY --max_new_tokens 2048 --dtype bf16 --out "$OUT/eval"

@@ -24,9 +24,9 @@ build_base "$D" "$OUT"
 
 evaluate() {  # evaluate MODEL FOLDER: open-ended and open-world on base+novel, MCQ on base test images
   python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --classes "$D/classes.json" \
-    --mode open open_world --out "$2" --batch_size 64 --max_new_tokens 32 --device cpu > "$2.log"
+    --mode open open_world --out "$2" --prompts_per_call 64 --max_new_tokens 32 --device cpu > "$2.log"
   python evaluate.py --model "$1" --data "$D/test_mcq.jsonl" --classes "$D/classes.json" \
-    --mode mcq --out "$2" --batch_size 64 --max_new_tokens 32 --device cpu >> "$2.log"
+    --mode mcq --out "$2" --prompts_per_call 64 --max_new_tokens 32 --device cpu >> "$2.log"
 }
 mkdir -p "$OUT/eval"
 [ -f "$OUT/eval/base/metrics_mcq.json" ] || { stage "evaluate the base model"; evaluate "$OUT/base/final" "$OUT/eval/base"; }
@@ -40,12 +40,12 @@ evaluate "$OUT/sft/final" "$OUT/eval/sft"
 stage "3. DiVE-k: mine each training image's top-k confusions"
 python mine_topk.py --model "$OUT/sft/final" --data "$D/train.jsonl" --classes "$D/classes.json" \
   --out "$OUT/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 --max_new_tokens 32 \
-  --class_list none --batch_prompts 16 --device cpu
+  --class_list none --prompts_per_call 16 --device cpu
 
 stage "4. GRPO on the mined MCQs (reward: mcq + format)"
 python grpo.py --model "$OUT/sft/final" --data "$OUT/mine/mcq.jsonl" --classes "$D/classes.json" \
-  --out "$OUT/grpo" --reward mcq+format --loss grpo --beta 0.04 --group_size 8 --prompts_per_step 16 \
-  --temperature 1.0 --max_new_tokens 32 --lr 1e-4 --max_steps 40 --micro_batch_size 32 --rollout_prompts 16 \
+  --out "$OUT/grpo" --reward mcq+format --loss grpo --beta 0.04 --num_samples 8 --prompts_per_step 16 \
+  --temperature 1.0 --max_new_tokens 32 --lr 1e-4 --max_steps 40 --micro_batch_size 32 --prompts_per_call 16 \
   --device cpu  # lr 2e-4 broke the answers to 8-option questions, never seen in training (README)
 stage "evaluate GRPO"
 evaluate "$OUT/grpo/final" "$OUT/eval/grpo"
@@ -55,19 +55,19 @@ NAMES=("base" "SFT" "SFT+GRPO(DiVE-k)")
 if [ "${EXTRA:-0}" = "1" ]; then
   stage "extra: the Visual-RFT-style baseline (exact-match reward on open-ended questions)"
   python grpo.py --model "$OUT/sft/final" --data "$D/train.jsonl" --classes "$D/classes.json" \
-    --out "$OUT/grpo_exact" --prompt open --reward exact+format --loss grpo --beta 0.04 --group_size 8 \
+    --out "$OUT/grpo_exact" --prompt open --reward exact+format --loss grpo --beta 0.04 --num_samples 8 \
     --prompts_per_step 16 --max_new_tokens 32 --lr 2e-4 --max_steps 40 --micro_batch_size 32 --device cpu
   evaluate "$OUT/grpo_exact/final" "$OUT/eval/grpo_exact"
   stage "extra: SpeciaRL (open-world prompt, best-in-group specificity reward, LoRA)"
   python grpo.py --model "$OUT/sft/final" --data "$D/train.jsonl" --classes "$D/classes.json" \
     --out "$OUT/grpo_speciarl" --prompt open_world --reward speciarl --loss dapo --beta 0.01 --lora_r 16 \
-    --lora_alpha 32 --group_size 8 --prompts_per_step 16 --max_new_tokens 32 --lr 1e-3 --max_steps 40 \
+    --lora_alpha 32 --num_samples 8 --prompts_per_step 16 --max_new_tokens 32 --lr 1e-3 --max_steps 40 \
     --micro_batch_size 32 --device cpu
   evaluate "$OUT/grpo_speciarl/final" "$OUT/eval/grpo_speciarl"
   stage "extra: Fine-R1's TAPO (anchor + positive rollouts, look-alike negative)"
   python grpo.py --model "$OUT/sft/final" --data "$D/triplets.jsonl" --classes "$D/classes.json" \
     --out "$OUT/grpo_tapo" --tapo --prompt open --reward exact:0.9+format:0.1 --loss dapo --beta 0 \
-    --epsilon_high 0.28 --dynamic_sampling --group_size 8 --prompts_per_step 16 --max_new_tokens 32 \
+    --epsilon_high 0.28 --dynamic_sampling --num_samples 8 --prompts_per_step 16 --max_new_tokens 32 \
     --lr 2e-4 --max_steps 40 --micro_batch_size 32 --device cpu
   evaluate "$OUT/grpo_tapo/final" "$OUT/eval/grpo_tapo"
   ROWS+=("$OUT/eval/grpo_exact" "$OUT/eval/grpo_speciarl" "$OUT/eval/grpo_tapo")

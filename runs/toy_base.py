@@ -26,17 +26,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from tiny import build_tiny_model, read_corpus  # noqa: E402
 from data import toy  # noqa: E402
-from data.records import load_classes, read_records  # noqa: E402
+from data.records import load_classes, load_image, read_records  # noqa: E402
 
 ATTRIBUTES = toy.ATTRIBUTES
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a toy world prepared by `python -m data.prepare toy`")
     ap.add_argument("--out", required=True, help="output model folder (Hugging Face layout)")
-    ap.add_argument("--steps", type=int, default=3200, help="optimizer steps of the vision pretraining")
+    ap.add_argument("--max_steps", type=int, default=3200, help="optimizer steps of the vision pretraining")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -44,15 +46,19 @@ def main():
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the tiny language model")
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
     ap.add_argument("--patch_size", type=int, default=14, help="vision patch side in pixels (Qwen2.5-VL: 14)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
 
     # the tokenizer learns the world's words (questions, targets, names)
-    corpus = vlm.read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "test_mcq")])
+    corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "test_mcq")])
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
     tiny = args.out + ".init"
-    vlm.build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
-                         text_layers=args.text_layers, vision_depth=args.vision_depth, patch_size=args.patch_size)
+    build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
+                     text_layers=args.text_layers, vision_depth=args.vision_depth, patch_size=args.patch_size)
     model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny, max_pixels=size * size)
 
     table = load_classes(os.path.join(args.data, "classes.json"))
@@ -78,7 +84,7 @@ def main():
     # Every step draws new images, from their own seeds (never an image of any split on disk).
     rng, t0 = random.Random(args.seed), time.time()
     visual.train()
-    for step in range(args.steps):
+    for step in range(args.max_steps):
         batch_classes = [rng.choice(classes) for _ in range(args.batch_size)]
         seeds = [[world["seed"], toy.SPLIT_CODES["vision"], step, i] for i in range(args.batch_size)]
         images = [toy.render(c["attributes"], np.random.default_rng(seed), world["size"], world["rotation"],
@@ -89,15 +95,15 @@ def main():
         loss.backward()
         optimizer.step()
         if (step + 1) % 200 == 0:
-            print(f"vision pretraining step {step + 1}/{args.steps}: loss {loss.item():.3f} "
+            print(f"vision pretraining step {step + 1}/{args.max_steps}: loss {loss.item():.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
     visual.eval()
     with torch.no_grad():
-        f = features([vlm.load_image(r["image"]) for r in held_out])
+        f = features([load_image(r["image"]) for r in held_out])
         truth = [by_name[r["label"]] for r in held_out]
         acc = {a: (heads[a](f).argmax(1) == targets(truth, a)).float().mean().item() for a in ATTRIBUTES}
     print("held-out attribute accuracy (val images): " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in acc.items()))
-    vlm.save_checkpoint(model, processor, args.out)
+    save_checkpoint(model, processor, args.out)
     print(f"wrote {args.out}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Visual-RFT-style baseline on CUB, base-to-novel: GRPO on open-ended questions that list the base
 # classes, reward = exact match (normalised, aliases) + format. Visual-RFT rewards *substring* containment,
-# which is hackable (methods.md section 2); ours is the exact version, the published metric is reported
+# which is hackable (docs/methods.md §2); ours is the exact version, the published metric is reported
 # beside it as text inclusion. Settings as DiVE-k's run so the two are comparable.
 #   CUB=/data/CUB_200_2011 NGPU=8 bash runs/visualrft_cub.sh
 source "$(dirname "$0")/common.sh"
@@ -15,9 +15,9 @@ else
   TRAIN="--lora_r 64 --lora_alpha 128 --lora_dropout 0.05 --prompts_per_step 6 --max_steps 400"
 fi
 launch grpo.py --model "$MODEL" --data data/cub/train.jsonl --classes data/cub/classes.json --out "$OUT/grpo" \
-  --prompt open_list --reward exact+format --loss grpo --beta 0.04 --group_size 4 --temperature 1.0 \
+  --prompt open_list --reward exact+format --loss grpo --beta 0.04 --num_samples 4 --temperature 1.0 \
   --lr 1e-6 --schedule constant --max_new_tokens 1024 --max_pixels 401408 --train_vision \
-  --gradient_checkpointing --micro_batch_size 4 --rollout_prompts 8 --dtype bf16 --save_every 50 $TRAIN
+  --gradient_checkpointing --micro_batch_size 4 --prompts_per_call 8 --dtype bf16 --save_every 50 $TRAIN
 
 launch evaluate.py --model "$OUT/grpo/final" --data data/cub/test_base.jsonl data/cub/test_novel.jsonl \
   --classes data/cub/classes.json --mode open --class_list split --max_new_tokens 1024 --max_pixels 401408 \

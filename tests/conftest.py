@@ -8,15 +8,16 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUESTIONS = ["Hi", "What is the name of the shape in this image?", "Name the shape, then explain why in detail."]
 torch.set_num_threads(1)  # the tiny models run fastest on one thread (and leave a core to torchrun's children)
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random tiny model with peaked weights (init std 0.1), so greedy outputs differ between rows."""
-    import vlm
+    import tiny
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    vlm.build_tiny_model(path, seed=0, init_std=0.1)
+    tiny.build_tiny_model(path, seed=0, init_std=0.1)
     return path
 
 
@@ -45,7 +46,7 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), 
 def squares(tmp_path_factory):
     """8 one-colour images with short SFT targets, and a tiny model whose BPE knows their words.
     Returns (folder, records path, model folder)."""
-    import vlm
+    from tiny import build_tiny_model
     from data.records import write_records
     root = tmp_path_factory.mktemp("squares")
     records = []
@@ -57,7 +58,7 @@ def squares(tmp_path_factory):
                         "target": f"<think>{name}</think><answer>{name} square</answer>"})
     write_records(str(root / "train.jsonl"), records)
     model_dir = str(root / "tiny")
-    vlm.build_tiny_model(model_dir, seed=0, corpus=[r["target"] for r in records] + [records[0]["question"]])
+    build_tiny_model(model_dir, seed=0, corpus=[r["target"] for r in records] + [records[0]["question"]])
     return root, str(root / "train.jsonl"), model_dir
 
 
@@ -67,7 +68,7 @@ def small_world(tmp_path_factory):
     (peaked weights, BPE trained on the world's texts). Returns (folder, model folder)."""
     import json
     import random
-    import vlm
+    from tiny import build_tiny_model
     from data import toy
     from data.records import read_records, write_records
     from data.prompts import mcq_question, open_question, open_world_question
@@ -91,7 +92,7 @@ def small_world(tmp_path_factory):
     write_records(str(root / "mcq_sft.jsonl"), sft_rows)
     corpus = [json.loads(line).get("target", "") for line in open(root / "sft.jsonl")]
     corpus += [r["question"] + " " + r["target"] for r in sft_rows] + names
-    vlm.build_tiny_model(str(root / "base"), seed=0, corpus=corpus)
+    build_tiny_model(str(root / "base"), seed=0, corpus=corpus)
     import sft
     sft.main(["--model", str(root / "base"), "--data", str(root / "mcq_sft.jsonl"), "--out", str(root / "sft"),
               "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3", "--max_steps", "60", "--schedule", "constant",

@@ -434,7 +434,7 @@ def test_prepare_check_reports_bad_images_with_file_and_line(tmp_path, capsys):
     line = next(r["_src"] for r in train if "_0001_2.jpg" in r["image"])
     assert f"bad record: {line}: field 'image': " in err and "Black_Footed_Albatross_0001_2.jpg" in err
 
-    prepare.main(args + ["--skip-bad"])
+    prepare.main(args + ["--skip_bad"])
     assert "dropped 1 bad record(s)" in capsys.readouterr().err
     assert len(read_records(tmp_path / "out" / "train.jsonl", check_images=True)) == len(train) - 1
 
@@ -467,4 +467,4 @@ def test_help_documents_every_dataset_and_setting(capsys):
     with pytest.raises(SystemExit):
         prepare.main(["cub", "--help"])
     out = capsys.readouterr().out
-    assert "Taxonomy file" in out and "--shots" in out and "--skip-bad" in out
+    assert "Taxonomy file" in out and "--shots" in out and "--skip_bad" in out

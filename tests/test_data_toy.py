@@ -277,7 +277,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_prepare_toy_command(tmp_path, capsys):
     from data import prepare
     prepare.main(["toy", "--out", str(tmp_path / "toy"), "--shapes", "2", "--colours", "3", "--patterns", "2",
-                  "--size", "32", "--train-per-class", "2", "--test-per-class", "1", "--pretrain-per-class", "1",
+                  "--size", "32", "--train_per_class", "2", "--test_per_class", "1", "--pretrain_per_class", "1",
                   "--check"])
     out = capsys.readouterr().out
     assert "toy: 12 classes (6 base, 6 novel)" in out and "every image opened" in out

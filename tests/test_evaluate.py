@@ -111,7 +111,7 @@ def eval_args(world, out, *modes, extra=()):
     return ["--model", world["model"],
             "--data", os.path.join(d, "test_base.jsonl"), os.path.join(d, "test_novel.jsonl"),
             "--classes", os.path.join(d, "classes.json"), "--out", out, "--mode", *modes, "--max_new_tokens", "6",
-            "--num_samples", "8", "--batch_size", "2", *extra]
+            "--num_samples", "8", "--prompts_per_call", "2", *extra]
 
 
 def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
@@ -166,7 +166,7 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
 
 
 def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
-    real, calls, limit = vlm.sample_completions, [], [2]
+    real, calls, limit = E.sample_completions, [], [2]
 
     class Interrupted(Exception):
         pass
@@ -177,16 +177,16 @@ def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
             raise Interrupted
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vlm, "sample_completions", flaky)
+    monkeypatch.setattr(E, "sample_completions", flaky)
     out = str(tmp_path / "a")
-    args = eval_args(world, out, "open", extra=["--batch_size", "1"])
+    args = eval_args(world, out, "open", extra=["--prompts_per_call", "1"])
     with pytest.raises(Interrupted):
         E.main(args)
     assert not os.path.exists(os.path.join(out, "predictions_open.jsonl"))
     limit[0], calls[:] = None, []
     E.main(args)
     assert len(calls) == 5 - 2  # 5 readable images, 2 finished before the interruption
-    E.main(eval_args(world, str(tmp_path / "b"), "open", extra=["--batch_size", "1"]))
+    E.main(eval_args(world, str(tmp_path / "b"), "open", extra=["--prompts_per_call", "1"]))
     for name in ("predictions_open.jsonl", "metrics_open.json"):
         assert open(os.path.join(out, name)).read() == open(tmp_path / "b" / name).read()
 
@@ -195,7 +195,7 @@ def test_two_ranks_equal_one_rank(world, tmp_path):
     files = {}
     for nproc in (1, 2):
         out = str(tmp_path / f"ranks{nproc}")
-        args = eval_args(world, out, "open", "mcq", "two_step", extra=["--batch_size", "1"])
+        args = eval_args(world, out, "open", "mcq", "two_step", extra=["--prompts_per_call", "1"])
         run_script(["evaluate.py"] + args, nproc)
         files[nproc] = {name: open(os.path.join(out, name)).read() for name in sorted(os.listdir(out))}
     assert files[1] == files[2] and len(files[1]) == 6

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # formulas
 
 def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta):
-    """methods.md §4 for one token, written out."""
+    """docs/methods.md §4 for one token, written out."""
     ratio = torch.exp(logp[i, t] - old[i, t])
     a = adv[i]
     unclipped = ratio * a
@@ -32,7 +32,7 @@ def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta):
 
 
 def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, ga, l_max, n_tokens, world):
-    """The aggregation of methods.md §4, one token at a time."""
+    """The aggregation of docs/methods.md §4, one token at a time."""
     B, L = mask.shape
     total, count, rows = 0.0, 0.0, []
     for i in range(B):
@@ -157,7 +157,7 @@ def test_tapo_terms_match_loop():
 def run(world, model, out, *flags):
     root, _ = world
     args = ["--model", model, "--classes", str(root / "classes.json"), "--out", str(out), "--device", "cpu",
-            "--max_steps", "2", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "16",
+            "--max_steps", "2", "--prompts_per_step", "4", "--num_samples", "4", "--max_new_tokens", "16",
             "--micro_batch_size", "8", "--lr", "1e-3"] + list(flags)
     if "--data" not in flags:
         args += ["--data", str(root / "mcq.jsonl")]
@@ -211,8 +211,8 @@ def final_weights(out):
 def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path, mode):
     root, model = small_world
     common = ["--model", model, "--data", str(root / "mcq.jsonl"), "--device", "cpu", "--max_steps", "2",
-              "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "16", "--micro_batch_size", "4",
-              "--lr", "1e-3", "--rollout_prompts", "1", "--loss", "dapo", "--beta", "0.04", "--seed", "3"]
+              "--prompts_per_step", "4", "--num_samples", "4", "--max_new_tokens", "16", "--micro_batch_size", "4",
+              "--lr", "1e-3", "--prompts_per_call", "1", "--loss", "dapo", "--beta", "0.04", "--seed", "3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     grpo.main(common + ["--out", one])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

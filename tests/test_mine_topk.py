@@ -180,7 +180,7 @@ def world(tmp_path, tiny_dir):
 def test_mine_end_to_end(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
     out = str(tmp_path / "mine" / "mcq.jsonl")
-    M.main(mine_args(world, out, "--batch_prompts", "2"))
+    M.main(mine_args(world, out, "--prompts_per_call", "2"))
     inputs = read_records(os.path.join(world["dir"], "train.jsonl"))
     mcqs = read_records(out)  # valid shared-format records
     summary = json.load(open(os.path.join(tmp_path, "mine", "mcq.summary.json")))
@@ -212,7 +212,7 @@ def test_mine_end_to_end(world, tmp_path, monkeypatch, capsys):
 
 def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
     monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
-    real, calls = vlm.sample_completions, []
+    real, calls = M.sample_completions, []
 
     class Interrupted(Exception):
         pass
@@ -224,19 +224,19 @@ def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     limit = [2]
-    monkeypatch.setattr(vlm, "sample_completions", flaky)
+    monkeypatch.setattr(M, "sample_completions", flaky)
     out = str(tmp_path / "a" / "mcq.jsonl")
     with pytest.raises(Interrupted):
-        M.main(mine_args(world, out, "--batch_prompts", "1"))
+        M.main(mine_args(world, out, "--prompts_per_call", "1"))
     shards = [f for f in os.listdir(tmp_path / "a") if ".shard0of1" in f]
     assert len(shards) == 1 and not os.path.exists(out)
     finished = len(open(os.path.join(tmp_path, "a", shards[0])).readlines())
     assert finished >= 2  # two sampled images (+ the corrupt one if it came first)
 
     limit[0], calls[:] = None, []
-    M.main(mine_args(world, out, "--batch_prompts", "1"))
+    M.main(mine_args(world, out, "--prompts_per_call", "1"))
     assert len(calls) == 5 - 2  # 5 loadable images, 2 done before the interruption
-    M.main(mine_args(world, str(tmp_path / "b" / "mcq.jsonl"), "--batch_prompts", "1"))  # uninterrupted
+    M.main(mine_args(world, str(tmp_path / "b" / "mcq.jsonl"), "--prompts_per_call", "1"))  # uninterrupted
     for name in ("mcq.jsonl", "confusions.json"):
         assert open(tmp_path / "a" / name).read() == open(tmp_path / "b" / name).read()
 
@@ -254,7 +254,7 @@ def test_two_ranks_equal_one_rank(world, tmp_path):
     outs = {}
     for nproc in (1, 2):
         out = str(tmp_path / f"ranks{nproc}" / "mcq.jsonl")
-        run_script(["mine_topk.py"] + mine_args(world, out, "--batch_prompts", "1", "--keep_texts",
+        run_script(["mine_topk.py"] + mine_args(world, out, "--prompts_per_call", "1", "--keep_texts",
                                                 "--class_list", "all"), nproc)
         folder = os.path.dirname(out)
         summary = json.load(open(os.path.join(folder, "mcq.summary.json")))

@@ -11,17 +11,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate",
-           "bench.py": "bench"}
+           "bench.py": "bench", "engine.py": "engine", "tiny.py": "tiny", "runs/toy_base.py": "runs.toy_base",
+           "data.prepare": "data.prepare"}
 
 
 class Captured(Exception):
     pass
 
 
-def parser_of(module_name):
-    """The argparse parser a script builds (captured when it parses)."""
+def parser_of(module_name, subcommand=None):
+    """The argparse parser a script builds (captured when it parses); a subcommand's own parser."""
+    if subcommand is not None:
+        return parser_of(module_name)._subparsers._group_actions[0].choices[subcommand]
     module = importlib.import_module(module_name)
-    parse = getattr(module, "get_args", None) or getattr(module, "parse_args")
+    parse = module.parse_args
     real = argparse.ArgumentParser.parse_args
 
     def capture(self, *a, **k):
@@ -45,18 +48,23 @@ def commands(path):
         assigned.setdefault(name, []).extend(re.findall(r"(?<!\w)(--\w+)", value))
     out = []
     for line in text.splitlines():
-        m = re.search(r"\b(?:launch|python3?)\s+(\w+\.py)\b(.*)", line)
-        if m and m.group(1) in SCRIPTS:
-            flags = re.findall(r"(?<!\w)(--\w+)", m.group(2))
-            for var in re.findall(r"\$\{?(\w+)", m.group(2)):
+        m = re.search(r"\b(?:launch|python3?)\s+(?:-m\s+(data\.prepare)\s+(\w+)|((?:runs/)?\w+\.py))\b(.*)", line)
+        if m and (m.group(1) or m.group(3)) in SCRIPTS:
+            flags = re.findall(r"(?<!\w)(--\w+)", m.group(4))
+            for var in re.findall(r"\$\{?(\w+)", m.group(4)):
                 flags += assigned.get(var, [])
-            out.append((m.group(1), flags))
+            out.append((f"data.prepare {m.group(2)}" if m.group(1) else m.group(3), flags))
     return out
+
+
+def parser_of_command(script):
+    name, _, sub = script.partition(" ")
+    return parser_of(SCRIPTS[name], sub or None)
 
 
 def unknown_flags(path):
     return [(script, f) for script, flags in commands(path)
-            for f in flags if f not in parser_of(SCRIPTS[script])._option_string_actions]
+            for f in flags if f not in parser_of_command(script)._option_string_actions]
 
 
 @pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "runs")) if f.endswith(".sh")))
@@ -70,15 +78,46 @@ def test_recipes_are_valid_shell_and_use_only_existing_flags(recipe):
 
 def test_the_flag_check_catches_a_typo(tmp_path):
     bad = tmp_path / "bad.sh"
-    bad.write_text('X="--lora_r 4 --lr_typo 3"\nlaunch grpo.py --model m \\\n  --beta 0 $X\n')
-    assert unknown_flags(str(bad)) == [("grpo.py", "--lr_typo")]
+    bad.write_text('X="--lora_r 4 --lr_typo 3"\nlaunch grpo.py --model m \\\n  --beta 0 $X\n'
+                   'python -m data.prepare toy --out o --pretrain-naming\npython runs/toy_base.py --steps 3\n')
+    assert unknown_flags(str(bad)) == [("grpo.py", "--lr_typo"), ("data.prepare toy", "--pretrain"),
+                                       ("runs/toy_base.py", "--steps")]
+
+
+SHARED_FLAGS = ("--device", "--dtype", "--seed", "--min_pixels", "--max_pixels")
+RETIRED = ("--group_size", "--group", "--rollout_prompts", "--batch_prompts", "--prompts", "--max_target_tokens",
+           "--new_tokens", "--steps", "--micro_batch", "--skip-bad")
+
+
+def test_one_cli_vocabulary():
+    """One name per concept and one meaning per name: the flags every model-running script shares have the
+    same defaults, choices and help; the names retired for another spelling of a concept are gone."""
+    parsers = {name: parser_of_command(name) for name in SCRIPTS if name != "data.prepare"}
+    choices = parser_of("data.prepare")._subparsers._group_actions[0].choices
+    parsers.update({f"data.prepare {sub}": p for sub, p in choices.items()})
+    for name, parser in parsers.items():
+        assert not set(RETIRED) & set(parser._option_string_actions), name
+        assert all("-" not in flag[2:] for flag in parser._option_string_actions), name  # underscores only
+    for flag in SHARED_FLAGS:
+        seen = {(a.default, tuple(a.choices or ()), a.help) for name, p in parsers.items()
+                for a in p._actions if flag in a.option_strings and name in MODEL_SCRIPTS}
+        assert len(seen) == 1, (flag, seen)
+    for name in MODEL_SCRIPTS:
+        if name not in ("bench.py", "engine.py"):
+            assert set(SHARED_FLAGS) <= set(parsers[name]._option_string_actions), name
+    # one meaning per name: --batch_size is examples per optimizer step, never a sampler batch
+    assert "--batch_size" not in parsers["evaluate.py"]._option_string_actions
+    assert "--prompts_per_call" in parsers["evaluate.py"]._option_string_actions
+
+
+MODEL_SCRIPTS = ("sft.py", "grpo.py", "mine_topk.py", "evaluate.py", "bench.py", "engine.py")
 
 
 def test_toy_base_model_builder(small_world, tmp_path):
     root, _ = small_world
     out = tmp_path / "vision"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
-                           str(out), "--steps", "3", "--batch_size", "4"], capture_output=True, text=True, cwd=ROOT)
+                           str(out), "--max_steps", "3", "--batch_size", "4"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "held-out attribute accuracy" in done.stdout
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -109,8 +148,8 @@ def test_summary_table(tmp_path):
                                                (["--lora_r", "4", "--gradient_checkpointing"],
                                                 "update: fwd+bwd, LoRA r4, checkpointed")])
 def test_bench_runs_and_reports_every_row(extra, update_row):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--prompts", "2", "--group", "2",
-                           "--new_tokens", "4", "--repeats", "1", "--device", "cpu"] + extra,
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--prompts_per_call", "2", "--num_samples", "2",
+                           "--max_new_tokens", "4", "--repeats", "1", "--device", "cpu"] + extra,
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step", update_row,

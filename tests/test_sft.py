@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+import engine
+import checkpoint
 import vlm
 from data.records import read_records
 
@@ -20,7 +22,7 @@ def test_loss_is_hf_labels_loss_on_assistant_tokens_only(squares):
     _, data, model_dir = squares
     model, proc = vlm.load_model(model_dir), vlm.Processor.from_pretrained(model_dir)
     records = read_records(data)[:3]
-    args = sft.get_args(["--model", "m", "--data", data, "--out", "o"])
+    args = sft.parse_args(["--model", "m", "--data", data, "--out", "o"])
     examples = [sft.make_example(r, args, None) for r in records]
     examples[1] = (examples[1][0], examples[1][1] + " A longer question.", examples[1][2] + " more")
     batch, ids, mask, bad = sft.encode_examples(examples, proc, "cpu", 4096)
@@ -54,7 +56,7 @@ def test_tiny_model_overfits_eight_examples(squares, tmp_path):
     model, proc = vlm.load_model(os.path.join(out, "final")), vlm.Processor.from_pretrained(os.path.join(out, "final"))
     records = read_records(data)
     batch = proc.encode([r["image"] for r in records], [r["question"] for r in records])
-    roll = vlm.sample_completions(model, batch, max_new_tokens=24, greedy=True, eos_token_ids=proc.eos_token_ids,
+    roll = engine.sample_completions(model, batch, max_new_tokens=24, greedy=True, eos_token_ids=proc.eos_token_ids,
                                   pad_token_id=proc.pad_token_id)
     assert proc.decode(roll.completion_ids, roll.completion_mask) == [r["target"] for r in records]
 
@@ -105,7 +107,7 @@ def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lo
     with pytest.raises(KeyboardInterrupt):
         sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2"] + COMMON + extra)
     monkeypatch.setattr(vlm, "clip_gradients", real)
-    assert vlm.latest_checkpoint(resumed).endswith("step_000002")
+    assert checkpoint.latest_checkpoint(resumed).endswith("step_000002")
     sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2", "--resume"] + COMMON + extra)
     a, b = weights(os.path.join(straight, "final")), weights(os.path.join(resumed, "final"))
     for k in a:

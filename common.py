@@ -1,0 +1,237 @@
+"""common.py — what every script shares besides the model: torchrun, printing, seeds, JSONL, resumable passes.
+
+The same code runs under `torchrun` (one process per GPU, or gloo processes on a CPU) and plain `python`:
+`init_distributed` reads torchrun's environment, `print0` prints once, `all_reduce_sum` is a no-op alone.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data.records import atomic_write
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line: one name per concept, the same defaults in every script
+
+def add_runtime_args(ap):
+    """--device, --dtype, --seed: the same names, choices and defaults in every script."""
+    ap.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 on GPUs, fp32 on CPUs. Training keeps fp32 master weights either way")
+    ap.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
+
+
+def add_image_args(ap):
+    """--min_pixels, --max_pixels: default None keeps what the checkpoint's preprocessor config says."""
+    ap.add_argument("--min_pixels", type=int, default=None,
+                    help="smallest image area in pixels after resizing (default: the checkpoint's own)")
+    ap.add_argument("--max_pixels", type=int, default=None,
+                    help="largest image area in pixels after resizing, i.e. at most max_pixels / 28² visual "
+                         "tokens (default: the checkpoint's own; DiVE-k uses 401408)")
+
+
+def positive(name):
+    """An argparse type for counts that must be >= 1."""
+    def check(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+    return check
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name, device="cpu"):
+    """'auto' is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        name = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def init_distributed(device="auto"):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return Dist(device=resolve_device(device))
+    use_cuda = resolve_device(device).type == "cuda"
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, world, local, dev)
+
+
+def cleanup():
+    """Wait for every rank, then tear the process group down (a no-op without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values, device="cpu"):
+    """Sum a list of floats over ranks (a no-op without torch.distributed). Returns a list of floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard(items, d):
+    """This rank's share of a list: every world_size-th item starting at its rank."""
+    return items[d.rank::d.world_size]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def progress(start, total, d, desc):
+    """A progress bar on rank 0; redrawn every 30 s instead of every second when output goes to a file."""
+    from tqdm import tqdm
+    return tqdm(range(start, total), initial=start, total=total, disable=not d.is_main, desc=desc,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# seeds
+
+def seed_of(*parts):
+    """A 63-bit seed from any values, the same in every process and on every machine (unlike hash()).
+
+    The one seeding rule: every random choice is drawn from a generator seeded by what it is about,
+    e.g. ("rollout", seed, item index), never by the rank or by how many draws came before, so a run
+    gives the same samples on 1 or N processes and after a resume."""
+    return random.Random("-".join(map(str, parts))).getrandbits(63)
+
+
+def rng_of(*parts):
+    """A Python random.Random seeded by `seed_of(*parts)`."""
+    return random.Random(seed_of(*parts))
+
+
+def generator_of(*parts, device="cpu"):
+    """A torch.Generator seeded by `seed_of(*parts)`."""
+    return torch.Generator(device=device).manual_seed(seed_of(*parts))
+
+
+def epoch_permutation(n, seed, epoch):
+    """The order of n items in epoch `epoch`: a permutation that depends on (seed, epoch) only."""
+    return torch.randperm(n, generator=generator_of("epoch", seed, epoch)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL
+
+def read_jsonl(path):
+    """The rows of a JSONL file the codebase wrote (logs, predictions, shards). A line that does not
+    parse is the one a crash cut short and is skipped; user data goes through data.records instead,
+    which names the file and line of every bad record."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def write_jsonl(path, rows):
+    """All rows at once, atomically: a reader sees the old file or the new one, never half of one."""
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def append_jsonl(path, rows):
+    """Append rows and fsync: they survive a crash right after this returns."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class JsonlLog:
+    """Training metrics, one JSON line per step (rank 0 only), on disk as soon as they are written."""
+
+    def __init__(self, path, d):
+        self.path = path if d.is_main else None
+
+    def write(self, row):
+        if self.path:
+            append_jsonl(self.path, [row])
+
+
+class ResumableShards:
+    """Results of a (data-parallel) pass over a list of items, kept safe as they are produced.
+
+    Each rank appends its finished rows to `{path}.shard{rank}of{world}.jsonl` (fsynced per batch), every
+    row carrying `"key"`: its item's index. A rerun reads every shard file present (whatever world size
+    wrote it) and skips finished keys, so an interrupted evaluation or mining run resumes where it
+    stopped. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`,
+    atomically, and removes the shards.
+    """
+
+    def __init__(self, path, d):
+        self.path, self.d = path, d
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.mine = f"{path}.shard{d.rank}of{d.world_size}.jsonl"
+        self.rows = [row for p in self._shard_files() for row in read_jsonl(p)]
+        self.done = {row["key"] for row in self.rows}
+
+    def _shard_files(self):
+        folder, base = os.path.split(os.path.abspath(self.path))
+        return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                if name.startswith(base + ".shard") and name.endswith(".jsonl")]
+
+    def append(self, rows):
+        append_jsonl(self.mine, rows)
+        self.done.update(row["key"] for row in rows)
+
+    def merge(self):
+        """All rows, one per key in key order; rank 0 writes them to `path`. Returns the rows."""
+        barrier()
+        by_key = {row["key"]: row for p in self._shard_files() for row in read_jsonl(p)}
+        rows = [by_key[k] for k in sorted(by_key)]
+        if self.d.is_main:
+            write_jsonl(self.path, rows)
+        barrier()
+        if self.d.is_main:
+            for p in self._shard_files():
+                os.remove(p)
+        barrier()
+        return rows

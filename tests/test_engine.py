@@ -1,0 +1,235 @@
+"""engine.py, the sampler, against slow, obviously-correct references: model.generate, the model's own
+forward, repeated batches, loops (CPU, fp32, tiny model)."""
+import pytest
+import torch
+
+import engine
+import lora
+import vlm
+from conftest import QUESTIONS
+
+def generate_reference(model, batch, max_new_tokens, eos, pad):
+    """transformers' own generate on the same left-padded batch (greedy)."""
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                         mm_token_type_ids=batch.mm_token_type_ids, do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    return out[:, batch.input_ids.shape[1]:]
+
+
+@pytest.mark.parametrize("cache_kind", engine.CACHE_KINDS)
+def test_greedy_equals_generate_token_for_token(tiny, images, cache_kind):
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    free = engine.sample_completions(model, batch, max_new_tokens=30, greedy=True, eos_token_ids=[],
+                                  pad_token_id=proc.pad_token_id, cache_kind=cache_kind)
+    # EOS = tokens that the rows emit at different steps, so rows stop at different times
+    eos = sorted({free.completion_ids[0, 4].item(), free.completion_ids[1, 9].item()})
+    ours = engine.sample_completions(model, batch, max_new_tokens=30, greedy=True, eos_token_ids=eos,
+                                  pad_token_id=proc.pad_token_id, cache_kind=cache_kind)
+    ref = generate_reference(model, batch, 30, eos, proc.pad_token_id)
+    lengths = ours.completion_mask.sum(1).long().tolist()
+    assert len(set(lengths)) >= 2 and min(lengths) < 30
+    for i, n in enumerate(lengths):
+        assert ours.completion_ids[i, :n].tolist() == ref[i, :n].tolist()
+        if n < 30:
+            assert ours.completion_ids[i, n - 1].item() in eos  # mask includes the EOS token
+            assert (ours.completion_ids[i, n:] == proc.pad_token_id).all()
+
+
+def test_seeded_sampling_is_reproducible(tiny, images):
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    run = lambda seed: engine.sample_completions(
+        model, batch, group_size=2, max_new_tokens=12, temperature=0.9, top_p=0.95, top_k=50,
+        generator=torch.Generator().manual_seed(seed), eos_token_ids=proc.eos_token_ids,
+        pad_token_id=proc.pad_token_id).completion_ids
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("cache_kind", engine.CACHE_KINDS)
+def test_prefill_once_equals_repeated_batch(tiny, images, cache_kind):
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    free = engine.sample_completions(model, batch, max_new_tokens=20, greedy=True, eos_token_ids=[],
+                                  pad_token_id=proc.pad_token_id)
+    eos = sorted(set(free.completion_ids[:, 2:6].flatten().tolist()))  # likely tokens: rows finish early
+    kw = dict(max_new_tokens=20, temperature=0.5, eos_token_ids=eos, pad_token_id=proc.pad_token_id,
+              cache_kind=cache_kind)
+    once = engine.sample_completions(model, batch, group_size=4, generator=torch.Generator().manual_seed(3), **kw)
+    repeated = engine.sample_completions(model, batch.repeat_interleave(4), group_size=1,
+                                      generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(once.completion_ids, repeated.completion_ids)
+    assert torch.equal(once.completion_mask, repeated.completion_mask)
+    torch.testing.assert_close(once.logprobs, repeated.logprobs, atol=1e-5, rtol=0)
+    assert len(set(once.completion_mask.sum(1).tolist())) > 1
+
+
+def test_filter_logits_against_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    for top_k, top_p in [(5, 1.0), (0, 0.7), (10, 0.5)]:
+        out = engine.filter_logits(logits, top_k, top_p)
+        for row, orow in zip(logits, out):
+            order = row.argsort(descending=True).tolist()
+            keep = set(order[:top_k] if top_k else order)
+            probs = row.masked_fill(torch.tensor([i not in keep for i in range(50)]), float("-inf")).softmax(-1)
+            mass, kept = 0.0, set()
+            for i in order:
+                if i in keep and mass < top_p:
+                    kept.add(i)
+                    mass += probs[i].item()
+            assert {i for i in range(50) if orow[i] > float("-inf")} == kept
+
+
+def fresh_model(tiny_dir):
+    return vlm.load_model(tiny_dir)
+
+
+def test_hand_written_step_uses_lora_and_equals_model_forward(tiny_dir, tiny, images):
+    """The KVBuffer step calls the layers' own modules, so adapters count (and switch off) as in the
+    model's forward: greedy samples of a LoRA model with B != 0, on and off, equal the reference path."""
+    _, proc = tiny
+    model = fresh_model(tiny_dir)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora.lora_modules(model):
+            m.lora_B.normal_(std=0.05)
+    batch = proc.encode(images, QUESTIONS)
+    run = lambda kind: engine.sample_completions(model, batch, group_size=2, max_new_tokens=12, greedy=True,
+                                              eos_token_ids=[], pad_token_id=proc.pad_token_id, cache_kind=kind)
+    on = run("buffer")
+    assert torch.equal(on.completion_ids, run("dynamic").completion_ids)
+    torch.testing.assert_close(on.logprobs, run("dynamic").logprobs, atol=1e-5, rtol=0)
+    with lora.lora_disabled(model):
+        off = run("buffer")
+        assert torch.equal(off.completion_ids, run("dynamic").completion_ids)
+    assert not torch.equal(on.logprobs, off.logprobs)  # the adapters changed what was sampled
+
+
+@pytest.mark.parametrize("cache_kind", engine.CACHE_KINDS)
+def test_dropping_finished_rows_changes_nothing(tiny, images, cache_kind):
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    free = engine.sample_completions(model, batch, group_size=2, max_new_tokens=20, temperature=0.5,
+                                  generator=torch.Generator().manual_seed(0), eos_token_ids=[],
+                                  pad_token_id=proc.pad_token_id)
+    eos = sorted(set(free.completion_ids[:, 2:8].flatten().tolist()))
+    kw = dict(group_size=2, max_new_tokens=20, greedy=True, eos_token_ids=eos, pad_token_id=proc.pad_token_id,
+              cache_kind=cache_kind)
+    kept = engine.sample_completions(model, batch, compact_at=0.0, **kw)     # never drop rows
+    dropped = engine.sample_completions(model, batch, compact_at=1.0, **kw)  # drop at every finish
+    assert (kept.completion_mask.sum(1) < 20).any()
+    assert torch.equal(kept.completion_ids, dropped.completion_ids)
+    torch.testing.assert_close(kept.logprobs, dropped.logprobs, atol=1e-5, rtol=0)
+
+
+class _LovesToken(torch.nn.Module):
+    """An LM head with a large bonus on one token's logit: the model would sample that token every step."""
+
+    def __init__(self, head, token):
+        super().__init__()
+        self.head, self.token = head, token
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.token] += 50.0
+        return logits
+
+
+def test_vision_tokens_are_never_sampled(tiny_dir, tiny, images):
+    """A sampled <|image_pad|> would make the scorer's forward over prompt + completion see more image
+    tokens than the image has features (a crash seen in a GRPO run at temperature 1.5)."""
+    _, proc = tiny
+    model = vlm.load_model(tiny_dir)  # its own copy: its LM head is swapped below
+    batch = proc.encode(images, QUESTIONS)
+    head = model.lm_head
+    model.lm_head = _LovesToken(head, proc.image_token_id)
+    kw = dict(group_size=2, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    unguarded = engine.sample_completions(model, batch, eos_token_ids=proc.eos_token_ids,
+                                          pad_token_id=proc.pad_token_id, **kw)
+    assert (unguarded.completion_ids == proc.image_token_id).all()  # the bias works: the test can fail
+    guarded = engine.sample_completions(model, batch, **proc.sampling_tokens, **kw)
+    assert proc.image_token_id in proc.banned_token_ids and len(proc.banned_token_ids) == 4
+    assert not torch.isin(guarded.completion_ids, torch.tensor(proc.banned_token_ids)).any()
+    assert guarded.completion_mask.sum() > 0
+    model.lm_head = head
+    with torch.no_grad():  # the guarded completions score fine (the unguarded ones would crash here)
+        vlm.sequence_logprobs(model, batch.repeat_interleave(2), guarded.completion_ids, guarded.completion_mask)
+
+
+def test_every_cache_kind_samples_the_same(tiny, images):
+    """The hand-written step over a KVBuffer (the default) and the model's own forward over StaticCache,
+    against the model's forward over DynamicCache: sampling G per prompt with rows finishing early (so
+    finished rows are dropped from every cache along the way)."""
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    free = engine.sample_completions(model, batch, max_new_tokens=20, greedy=True, eos_token_ids=[],
+                                  pad_token_id=proc.pad_token_id)
+    eos = sorted(set(free.completion_ids[:, 3:7].flatten().tolist()))
+    run = lambda kind: engine.sample_completions(model, batch, group_size=3, max_new_tokens=20, temperature=0.8,
+                                              generator=torch.Generator().manual_seed(5), eos_token_ids=eos,
+                                              pad_token_id=proc.pad_token_id, cache_kind=kind)
+    dynamic = run("dynamic")
+    assert len(set(dynamic.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    for kind in ("buffer", "static"):
+        other = run(kind)
+        assert torch.equal(other.completion_ids, dynamic.completion_ids), kind
+        torch.testing.assert_close(other.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown cache kind"):
+        run("paged")
+
+
+def test_draw_follows_the_distribution():
+    """The inverse-CDF draw against the probabilities it draws from (and never an impossible token)."""
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    logp = p.log().expand(20000, -1).contiguous()
+    tok = engine.draw(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    assert freq[1] == 0 and freq[5] == 0  # zero probability (masked / filtered): never drawn
+    torch.testing.assert_close(freq, p, atol=0.012, rtol=0)  # ~4 standard errors at n = 20000
+    assert torch.equal(tok, engine.draw(logp, torch.Generator().manual_seed(0)))  # seeded
+    # rows keep their own distributions, and a row with one possible token always draws it
+    rows = torch.tensor([[0.0, float("-inf"), float("-inf")], [float("-inf"), float("-inf"), 0.0]])
+    assert engine.draw(rows.repeat(50, 1), torch.Generator().manual_seed(1)).tolist() == [0, 2] * 50
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (issue 8's bf16 check of the fast path)"))])
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 0.05)])
+def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, tol, device):
+    """Step by step, teacher-forced on the same tokens (so the two paths never diverge): the logits of
+    `_decode_step_buffer` over a KVBuffer against the model's own forward over a DynamicCache, in fp32
+    (to float error) and in bf16 (the dtype of GPU runs; on this CPU the two agreed exactly). One position
+    off in the rotary embedding moves the logits by ~3, so the check has teeth."""
+    from transformers import DynamicCache
+    model = vlm.load_model(tiny_dir, device, dtype=dtype)
+    proc = vlm.Processor.from_pretrained(tiny_dir)
+    batch = proc.encode(images, QUESTIONS).to(device)
+    max_len = batch.input_ids.shape[1] + 10
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, pixel_values=batch.pixel_values.to(model.dtype),
+                        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
+                        use_cache=True, **{engine.cache_kwarg(): cache})
+        return cache, out.logits[:, -1]
+
+    ref_cache, first = prefill()
+    buffer = engine.KVBuffer(prefill()[0], batch.attention_mask, max_len)
+    tokens = torch.randint(10, 200, (len(images), 8), generator=torch.Generator().manual_seed(0)).to(device)
+    mask, positions = batch.attention_mask, batch.next_positions()
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            ref = engine.decode_step_model(model, tokens[:, t], mask, positions, ref_cache).float()
+            ours = engine.decode_step_buffer(model, tokens[:, t], positions, buffer).float()
+            worst = max(worst, (ours - ref).abs().max().item())
+            positions = positions + 1
+    assert worst <= tol, worst
+    assert first.float().abs().max() > 1.0  # logits of a real size: the tolerance is not vacuous
