@@ -322,7 +322,7 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         others = rng.sample([c for c in classes if c is not cls], rng.randint(2, 4))
         options, letter = _mcq(cls, others, rng)
         # answered with the option's text, which the MCQ reward accepts: pointing at the right letter is an
-        # in-context lookup a 1M-parameter model does not learn in a CPU budget (measured: chance after 1,000 steps)
+        # in-context lookup a 1M-parameter model does not learn in a CPU budget
         files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="mcq",
                                              question=mcq_question("toy", options), options=options, answer=letter,
                                              target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))

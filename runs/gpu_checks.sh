@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of bench.py and of the sampler's checks, in one call (an estimated 10 minutes on an
 # H100/H200).
-# Written for the first session that is lent a GPU; not yet run on one. Everything lands in OUT.
+# Not yet run on a GPU. Everything lands in OUT.
 #
 #   bash runs/gpu_checks.sh            # OUT=out/gpu
 #

@@ -46,7 +46,7 @@ stage "4. GRPO on the mined MCQs (reward: mcq + format)"
 python grpo.py --model "$OUT/sft/final" --data "$OUT/mine/mcq.jsonl" --classes "$D/classes.json" \
   --out "$OUT/grpo" --reward mcq+format --loss grpo --beta 0.04 --num_samples 8 --prompts_per_step 16 \
   --temperature 1.0 --max_new_tokens 32 --lr 1e-4 --max_steps 40 --micro_batch_size 32 --prompts_per_call 16 \
-  --device cpu  # lr 2e-4 broke the answers to 8-option questions, never seen in training (README)
+  --device cpu  # a higher lr learns an answer format that breaks the 8-option questions (docs/LOG.md)
 stage "evaluate GRPO"
 evaluate "$OUT/grpo/final" "$OUT/eval/grpo"
 

@@ -1,16 +1,14 @@
 """runs/toy_base.py — a tiny Qwen2.5-VL whose eyes work: the toy world's stand-in for a pretrained encoder.
 
 A real Qwen2.5-VL arrives with a vision tower trained on billions of images. The tiny model starts from
-random weights, and a random vision tower barely separates the toy world's shapes (a linear probe on its
-features scores ~35% on four shapes); trained only through the language model's loss, it learns to see
-them far too slowly for a CPU budget, because the language model first learns to ignore the image. So,
-as real VLMs are built, the vision tower is trained first, here on the three attribute labels (shape,
-colour, pattern) with a linear head each, on images of all classes drawn afresh at every step (from
-their own seeds: never an image of any split on disk). A fixed set of 2,048 images was memorised
-instead (train loss 0, held-out shape accuracy 89-94%); fresh images at lr 3e-4 reach ~92% shape, 100%
-colour and pattern on the val images in 3,200 steps (lr 1e-3, 1,600 steps: 77% shape). The heads are
-then dropped; runs/toy.sh goes on with sft.py on the attribute questions and MCQs
-(pretrain.jsonl) to make the "Instruct" model that the papers' pipeline starts from.
+random weights, and a random vision tower barely separates the toy world's shapes; trained only through
+the language model's loss, it learns to see them far too slowly for a CPU budget, because the language
+model first learns to ignore the image. So, as real VLMs are built, the vision tower is trained first,
+here on the three attribute labels (shape, colour, pattern) with a linear head each, on images of all
+classes drawn afresh at every step (from their own seeds: never an image of any split on disk; a fixed
+set of images is memorised instead). The heads are then dropped; runs/toy.sh goes on with sft.py on the
+attribute questions and MCQs (pretrain.jsonl) to make the "Instruct" model that the papers' pipeline
+starts from. What it reaches: docs/LOG.md.
 
     python runs/toy_base.py --data out/toy/data --out out/toy/vision     # ~2 minutes on 2 CPU cores
 """

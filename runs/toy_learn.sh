@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The learning benchmark (issue 6): does GRPO with DiVE-k's MCQ reward teach the model something?
+# The learning benchmark: does GRPO with DiVE-k's MCQ reward teach the model something?
 #
 #   bash runs/toy_learn.sh             # OUT=out/toy_learn; ~9 minutes on 2 CPU cores (5 of them: the start model)
 #   CONTROL=1 bash runs/toy_learn.sh   # + the same GRPO with the format reward only (no MCQ signal)
 #   SEED=1 OUT=out/toy_learn_s1 bash runs/toy_learn.sh   # the world drawn from another seed (other images)
 #
 # On the default toy world (names that spell out the attributes, "striped red triangle") the MCQ is pure
-# perception: the SFT'd model sits at ~90% held-out MCQ, the vision tower's own ceiling, and nothing is
-# left to learn. Here the world names the pattern with an invented epithet whose meaning depends on the
+# perception: the SFT'd model sits at the vision tower's own ceiling, and nothing is left to learn. Here the world names the pattern with an invented epithet whose meaning depends on the
 # colour and shape ("kavi red circle" is striped, "kavi green circle" checked). The starting model is the
 # tiny model after sft.py on the pretraining mix, built as toy.sh builds its base, plus (--pretrain_naming)
 # DiVE-k's mining question with the true class among 1..31 listed names: it sees shape, colour and
 # pattern and names from a list, but has not learned which epithet goes with which look. DiVE-k mines its
 # own confusions (about half the mined distractors share the true class's shape and colour) and GRPO on
 # those MCQs teaches it. Held-out MCQ: test images, options the 8 corners of an attribute cube.
-# Measured (README): start 31.2 -> 44.9 (+13.7); format-only control 30.1; SEED=1: 41.0 -> 56.6 (+15.6).
+# What it measured: docs/LOG.md.
 source "$(dirname "$0")/toy_common.sh"
 OUT=${OUT:-out/toy_learn}
 D=$OUT/data

@@ -197,7 +197,7 @@ def test_draw_follows_the_distribution():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU (issue 8's bf16 check of the fast path)"))])
+    not torch.cuda.is_available(), reason="needs a GPU (the bf16 check of the fast path on CUDA)"))])
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 0.05)])
 def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, tol, device):
     """Step by step, teacher-forced on the same tokens (so the two paths never diverge): the logits of
