@@ -154,6 +154,13 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=generator_of("epoch", seed, epoch)).tolist()
 
 
+def seed_process(seed, rank=0):
+    """The process-wide generators (torch's and Python's), for what is drawn in sequence rather than per
+    item: LoRA's initial weights, dropout. Per rank, so ranks do not drop out the same units."""
+    torch.manual_seed(seed_of("process", seed, rank))
+    random.seed(seed_of("python", seed, rank))
+
+
 # ----------------------------------------------------------------------------------------------------
 # JSONL
 

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 import reward as rewards_lib
 import vlm
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, init_distributed,
-                    positive, print0, progress, seed_of)
+from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
+                    generator_of, init_distributed, positive, print0, progress, rng_of, seed_process)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 from engine import sample_completions
@@ -99,9 +98,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # the formulas (tested against per-token loops in tests/test_grpo.py)
 
-def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+def group_advantages(rewards, group_size, scale="group", eps=1e-4, device="cpu"):
     """A_i = (R_i - mean_g R) / (std + eps), std unbiased (ddof 1) over the group ('group') or over the
-    whole global batch ('batch'); 'none' gives R_i - mean_g R. Groups are consecutive rows."""
+    whole global batch ('batch', summed over ranks on `device`); 'none' gives R_i - mean_g R. Groups are
+    consecutive rows."""
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     if scale == "none":
@@ -109,7 +109,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     if scale == "group":
         std = r.std(1, keepdim=True)
     else:  # batch: sum, sum of squares and count over every rank
-        s, sq, n = all_reduce_sum([float(r.sum()), float((r ** 2).sum()), float(r.numel())])
+        s, sq, n = all_reduce_sum([float(r.sum()), float((r ** 2).sum()), float(r.numel())], device)
         std = torch.tensor(math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)))
     return (centred / (std + eps)).view(-1)
 
@@ -180,15 +180,16 @@ class Items:
     def __getitem__(self, i):
         epoch, j = divmod(i, len(self.records))
         if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self.epoch, self.order = epoch, torch.randperm(len(self.records), generator=g).tolist()
+            self.epoch, self.order = epoch, epoch_permutation(len(self.records), self.seed, epoch)
         return self.records[self.order[j]]
 
 
 def tapo_images(record, items, confusions, rng):
     """TAPO. (positive, negative) image paths: the record's own fields (triplets.jsonl), else another image
-    of the class and an image of its most-confused class (mine_topk's table), else of a random other class."""
-    positive = record.get("positive") or rng.choice(items.by_class[record["label"]])["image"]
+    of the class (the anchor itself only when the class has no other) and an image of its most-confused
+    class (mine_topk's table), else of a random other class."""
+    others = [r["image"] for r in items.by_class[record["label"]] if r["image"] != record["image"]]
+    positive = record.get("positive") or (rng.choice(others) if others else record["image"])
     negative = record.get("negative")
     if not negative:
         confused = [c for c, _ in confusions.get(record["label"], []) if c in items.by_class and c != record["label"]]
@@ -202,7 +203,7 @@ def load_item(record, index, items, args, confusions):
     The prompt images are [anchor], or with TAPO [anchor, positive] (resized to the anchor's size) and a
     negative. An item with an unreadable image is counted and replaced by another drawn from the stream,
     so every rank keeps the same number of rows."""
-    rng = random.Random(seed_of(args.seed, index))  # per item: the same on any number of ranks
+    rng = rng_of("item", args.seed, index)  # per item: the same on any number of ranks
     bad = 0
     while True:
         try:
@@ -318,7 +319,7 @@ def rollout(records, first_index, items, training, ask, reward_fn, args, device,
         for s in range(0, len(images), step):
             # seeded by the call's first item in the stream: with --prompts_per_call 1 an item's samples do
             # not depend on how items are spread over ranks
-            gen = torch.Generator(device=device).manual_seed(seed_of(args.seed, first_index + s // per_item))
+            gen = generator_of("rollout", args.seed, first_index + s // per_item, device=device)
             parts.append(sample_completions(training.policy, prompts.select(list(range(s, min(s + step, len(images))))),
                                             group_size=per_row, max_new_tokens=args.max_new_tokens,
                                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -476,7 +477,7 @@ def make_reward(args, table, d):
 def main(argv=None):
     args = parse_args(argv)
     d = init_distributed(args.device)
-    torch.manual_seed(args.seed + d.rank)  # LoRA dropout differs per rank; the samples do not
+    seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
     os.makedirs(args.out, exist_ok=True)
     if args.prompts_per_step % d.world_size:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be divisible by {d.world_size} ranks")
@@ -510,7 +511,7 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         r, cursor, info = collect_rollouts(items, cursor, sample, args, d)
-        adv = group_advantages(r.rewards, r.group_size, args.scale_rewards)
+        adv = group_advantages(r.rewards, r.group_size, args.scale_rewards, device=d.device)
         t1 = time.time()
         stats = defaultdict(float)
         training.policy.train()

@@ -39,14 +39,13 @@ counted, never fatal.
 import argparse
 import json
 import os
-import random
 import time
 from collections import Counter
 
-import torch
 
 import vlm
-from common import ResumableShards, add_image_args, add_runtime_args, cleanup, init_distributed, positive, print0, shard
+from common import (ResumableShards, add_image_args, add_runtime_args, cleanup, generator_of, init_distributed, positive,
+                    print0, rng_of, shard)
 from data.prompts import open_question
 from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records, write_records
 from engine import sample_completions
@@ -130,11 +129,7 @@ def confusion_table(rows):
 
 def mcq_rng(seed, index):
     """The MCQ shuffle of an image depends only on (seed, its index): never on batching or ranks."""
-    return random.Random(f"mcq:{seed}:{index}")
-
-
-def item_seed(seed, index):
-    return seed * 1_000_003 + index
+    return rng_of("mcq", seed, index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +179,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
                          for i in ok]
             batch = processor.encode(images, questions).to(device)
             # seeded by the batch's first image (not by rank or step), so a rerun samples the same answers
-            generator = torch.Generator(device=device).manual_seed(item_seed(seed, batch_idx[0]))
+            generator = generator_of("mine", seed, batch_idx[0], device=device)
             roll = sample_completions(model, batch, group_size=n, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, generator=generator,
                                           **processor.sampling_tokens)

@@ -31,8 +31,8 @@ import torch
 
 import vlm
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, init_distributed, positive,
-                    print0, progress, shard)
+from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
+                    init_distributed, positive, print0, progress, seed_process, shard)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 
@@ -97,16 +97,11 @@ def encode_examples(examples, processor, device, max_new_tokens):
     return batch, ids[:, :max_new_tokens], mask[:, :max_new_tokens], bad
 
 
-def epoch_order(n, epoch, seed):
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def global_batch(step, n, batch_size, seed):
     """The item indices of optimizer step `step` (epochs are seeded permutations, the last partial batch dropped)."""
     per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
-    return epoch_order(n, epoch, seed)[i * batch_size:(i + 1) * batch_size]
+    return epoch_permutation(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
 
 
 @torch.no_grad()
@@ -138,7 +133,7 @@ def first_per_class(records, n):
 def main(argv=None):
     args = parse_args(argv)
     d = init_distributed(args.device)
-    torch.manual_seed(args.seed + d.rank)  # LoRA dropout differs per rank; data order does not
+    seed_process(args.seed, d.rank)  # dropout differs per rank; the data order does not
     os.makedirs(args.out, exist_ok=True)
 
     # data: every record validated before the run starts (file:line on error, or dropped with --skip_bad)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -276,3 +277,17 @@ def test_non_finite_loss_skips_the_update(small_world, tmp_path, monkeypatch):
     start, end = load_file(os.path.join(model, "model.safetensors")), final_weights(tmp_path / "nan")
     for k in start:
         assert torch.equal(start[k], end[k])  # no NaN reached the weights; nothing changed
+
+
+def test_tapo_positive_is_another_image_of_the_class():
+    records = [{"image": f"/x/{c}{i}.png", "label": c} for c in "ab" for i in range(3)] + \
+              [{"image": "/x/only.png", "label": "c"}]
+    items = grpo.Items(records, seed=0)
+    confusions = {"a": [["b", 4]]}
+    for k in range(30):
+        rng = random.Random(k)
+        pos, neg = grpo.tapo_images(records[k % 3], items, confusions, rng)
+        assert pos != records[k % 3]["image"] and pos.startswith("/x/a")
+        assert neg.startswith("/x/b")  # the most-confused class
+    pos, neg = grpo.tapo_images(records[-1], items, {}, random.Random(0))
+    assert pos == "/x/only.png" and not neg.startswith("/x/c")  # a one-image class: the anchor itself
