@@ -29,35 +29,17 @@ import torch
 from PIL import Image
 
 import vlm
-from common import add_runtime_args, resolve_device, resolve_dtype
+from common import add_runtime_args, generator_of, resolve_device, resolve_dtype, seed_process
 from engine import sample_completions
-from tiny import build_tiny_model
+from tiny import build_tiny_model, real_shape_config
 
-# Qwen2.5-VL-3B/7B-Instruct's config.json values that set the compute (vocabulary, widths, depths)
-SHAPES = {
-    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2), out=2048, tie=True),
-    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4), out=3584, tie=False),
-}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
 def real_shape(name, tiny_dir, dtype, device):
     """A random-weight Qwen2.5-VL of the real size, with the tiny model's tokenizer for the prompts."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
-    s = SHAPES[name]
-    text = dict(s["text"], max_position_embeddings=128000, rope_parameters={
-        "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        bos_token_id=tiny.text_config.bos_token_id, eos_token_id=tiny.text_config.eos_token_id,
-        pad_token_id=tiny.text_config.pad_token_id)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=s["out"],
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31]), image_token_id=tiny.image_token_id,
-        video_token_id=tiny.video_token_id, vision_start_token_id=tiny.vision_start_token_id,
-        vision_end_token_id=tiny.vision_end_token_id, tie_word_embeddings=s["tie"])
+    config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir))
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
@@ -146,7 +128,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    seed_process(args.seed)
 
     import tempfile
     tmp = tempfile.mkdtemp()
@@ -168,7 +150,7 @@ def main(argv=None):
 
     # rollout: ours vs generate, identical work
     def ours(max_new=N, cache_kind="buffer"):
-        gen = torch.Generator(device=device).manual_seed(0)
+        gen = generator_of("bench", args.seed, device=device)
         return sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
                                       generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
                                       banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)

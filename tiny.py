@@ -12,6 +12,7 @@ special tokens and chat template. Nothing is downloaded; the same seed and corpu
 import argparse
 import json
 import math
+import os
 
 import torch
 
@@ -51,13 +52,10 @@ def prompt_phrases():
             prompts.open_world_question().split(prompts.FORMAT)[1].strip()] + questions
 
 
-def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=112, text_layers=4,
-                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14):
-    """Create a tiny Qwen2.5-VL (random weights) and its tokenizer, deterministically from `seed` and
-    `corpus`, saved as a Hugging Face folder. Images are resized to at most image_size² pixels."""
+def train_tokenizer(corpus=None, vocab_size=1024, phrases=None):
+    """A byte-level BPE tokenizer trained on `corpus`, with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -68,7 +66,43 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=1
                                         additional_special_tokens=SPECIAL_TOKENS[1:])
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     tokenizer.add_tokens(list(prompt_phrases() if phrases is None else phrases))
+    return tokenizer
+
+
+def _token_ids(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return dict(text=dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                          pad_token_id=ids["<|endoftext|>"]),
+                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _save(out_dir, model, tokenizer, image_processor, hub_form=False):
+    from transformers import GenerationConfig
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config = GenerationConfig(eos_token_id=[end, pad], pad_token_id=pad, bos_token_id=pad)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        if hub_form:  # the image bounds as the Hub's Qwen2.5-VL files write them: top-level keys, no `size`
+            path = os.path.join(tmp, "preprocessor_config.json")
+            with open(path) as f:
+                config = json.load(f)
+            size = config.pop("size")
+            config.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2)
+    return out_dir
+
+
+def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=112, text_layers=4,
+                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14):
+    """Create a tiny Qwen2.5-VL (random weights) and its tokenizer, deterministically from `seed` and
+    `corpus`, saved as a Hugging Face folder. Images are resized to at most image_size² pixels."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tokenizer = train_tokenizer(corpus, vocab_size, phrases)
+    ids = _token_ids(tokenizer)
     heads = 4
     head_dim = hidden // heads
     # (t, h, w) rotary sections in Qwen2.5-VL's proportions ([16, 24, 24] at head_dim 128), sum head_dim / 2
@@ -78,29 +112,70 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=1
                          intermediate_size=hidden * 3, num_hidden_layers=text_layers, num_attention_heads=heads,
                          num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
+                         initializer_range=init_std, **ids["text"]),
         vision_config=dict(initializer_range=init_std, depth=vision_depth, hidden_size=vision_hidden,
                            intermediate_size=vision_hidden * 2, num_heads=2, out_hidden_size=hidden,
                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[vision_depth - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,  # as Qwen2.5-VL-3B
-    )
+        **{k: v for k, v in ids.items() if k != "text"})
     torch.manual_seed(seed)
     config.initializer_range = init_std
     model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                               pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
     image_processor = image_processor_class()(
         size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": image_size * image_size},
         patch_size=patch_size, temporal_patch_size=2, merge_size=2)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-    return out_dir
+    return _save(out_dir, model, tokenizer, image_processor)
+
+
+# Qwen2.5-VL-3B/7B-Instruct's config.json values that set the compute (vocabulary, widths, heads, depths)
+REAL_SHAPES = {
+    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2), tie=True),
+    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4), tie=False),
+}
+REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112)
+
+
+def real_shape_config(shape, token_ids, text_layers=None, vision_depth=None):
+    """Qwen2.5-VL-3B's or -7B's config (widths, heads, vocabulary, rotary sections, windowed vision
+    attention with a full-attention block every 8th), optionally with fewer layers, and the special-token
+    ids `token_ids` (a config or `_token_ids`' dict) of the tokenizer in use."""
+    from transformers import Qwen2_5_VLConfig
+    if not isinstance(token_ids, dict):  # a Qwen2_5_VLConfig
+        c = token_ids
+        token_ids = dict(text=dict(bos_token_id=c.text_config.bos_token_id, eos_token_id=c.text_config.eos_token_id,
+                                   pad_token_id=c.text_config.pad_token_id),
+                         image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+                         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
+    s = REAL_SHAPES[shape]
+    text = dict(s["text"], max_position_embeddings=128000, rms_norm_eps=1e-6, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}, **token_ids["text"])
+    if text_layers:
+        text["num_hidden_layers"] = text_layers
+    depth = vision_depth or REAL_VISION["depth"]
+    vision = dict(REAL_VISION, depth=depth, out_hidden_size=text["hidden_size"],
+                  fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=s["tie"],
+                            **{k: v for k, v in token_ids.items() if k != "text"})
+
+
+def build_real_width_model(out_dir, shape="7b", text_layers=1, vision_depth=2, seed=0, corpus=None,
+                           dtype=torch.bfloat16):
+    """A Qwen2.5-VL with the real widths of `shape` but `text_layers` / `vision_depth` layers, random
+    weights in `dtype`, the tiny tokenizer, and a preprocessor config in the Hub's form (top-level
+    min_pixels / max_pixels, 16k visual tokens at most): the shapes the real checkpoints have, for the
+    bugs a million-parameter model hides, on a CPU."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    tokenizer = train_tokenizer(corpus)
+    config = real_shape_config(shape, _token_ids(tokenizer), text_layers, vision_depth)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    image_processor = image_processor_class()(size={"shortest_edge": 3136, "longest_edge": 12845056},
+                                              patch_size=14, temporal_patch_size=2, merge_size=2)
+    return _save(out_dir, model, tokenizer, image_processor, hub_form=True)
 
 
 def parse_args(argv=None):

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q tests/test_vlm.py -k "logits_equal or greedy_equals_generate" -rs | tee "$OUT/tests.txt"
+python -m pytest -q tests/test_engine.py -k "logits_equal or greedy_equals_generate" -rs | tee "$OUT/tests.txt"
 for shape in 3b 7b; do
   python bench.py --shape $shape --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448 \
     --micro_batch_size 16 --repeats 1 | tee "$OUT/bench_$shape.txt"
