@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import vlm
-from common import add_runtime_args, generator_of, resolve_device, resolve_dtype, seed_process
+from common import add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype, seed_process
 from engine import sample_completions
 from tiny import build_tiny_model, real_shape_config
 
@@ -107,9 +107,6 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
     a("--model", default=None, help="a checkpoint folder instead of --shape")
-    a("--prompts_per_call", type=int, default=8, help="distinct prompts (images) in the sampler call")
-    a("--num_samples", type=int, default=8, help="G samples per prompt")
-    a("--max_new_tokens", type=int, default=64, help="tokens generated per sample (EOS disabled)")
     a("--image_size", type=int, default=56, help="square image side in pixels")
     a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
     a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
@@ -118,6 +115,7 @@ def parse_args(argv=None):
     a("--lora_r", type=int, default=0, help="update with LoRA adapters of this rank, set up as grpo.py does "
                                             "(0: every weight trains, in the model's dtype)")
     a("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
+    add_sampling_args(ap, num_samples=8, prompts_per_call=8, max_new_tokens=64)  # EOS disabled: every token counts
     add_runtime_args(ap)
     return ap.parse_args(argv)
 
@@ -151,9 +149,9 @@ def main(argv=None):
     # rollout: ours vs generate, identical work
     def ours(max_new=N, cache_kind="buffer"):
         gen = generator_of("bench", args.seed, device=device)
-        return sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=1.0,
-                                      generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
-                                      banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
+        return sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=args.temperature,
+                                  top_p=args.top_p, generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
+                                  banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
 
     contenders = {"rollout: ours": ours, "rollout: ours, StaticCache": lambda: ours(cache_kind="static"),
                   "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
@@ -161,8 +159,8 @@ def main(argv=None):
         def hf():
             return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                                  mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=1.0,
-                                  top_k=0, top_p=1.0, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                                  mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=args.temperature,
+                                  top_k=0, top_p=args.top_p, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
                                   pad_token_id=proc.pad_token_id, suppress_tokens=proc.banned_token_ids)
         contenders["rollout: model.generate"] = hf
     times, outs = interleaved(list(contenders.values()), device, args.repeats)

@@ -58,8 +58,63 @@ def save_checkpoint(model, processor, path, *, state_dict=None, write_files=None
         sd = lora.merged_state_dict(model, state_dict)
         model.save_pretrained(tmp, state_dict={k: v.detach().cpu().contiguous() for k, v in sd.items()})
         processor.save_pretrained(tmp)
+        make_portable(tmp)
         if write_files is not None:
             write_files(tmp)
+
+
+def _rewrite_json(path, change):
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(change(data), f, indent=2, ensure_ascii=False)
+
+
+def portable_config(config):
+    """config.json as transformers 5.x writes it -> one that transformers 4.5x also reads the same way.
+
+    5.x keeps the rotary settings in text_config.rope_parameters and the tie flag at the top; 4.5x builds the
+    text config from text_config alone (and answers the top-level tie flag from it), reading rope_scaling
+    (whose mrope_section its attention indexes: None crashes every forward), rope_theta (default 1e6) and
+    tie_word_embeddings (default False: a tied lm_head would be re-initialised). So those three go into
+    text_config too, with the values 5.x uses; 5.x reads the file back the same (rope_theta must come with
+    rope_scaling, or 5.x takes its own default theta). The Hub's own configs carry the same keys."""
+    text = config.get("text_config")
+    rope = (text or {}).get("rope_parameters") or {}
+    if "mrope_section" in rope and rope.get("rope_type", "default") == "default":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+        text["rope_theta"] = rope["rope_theta"]
+        text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
+    return config
+
+
+def portable_tokenizer_config(config):
+    """tokenizer_config.json: 4.5x has no TokenizersBackend class (the tokenizer.json beside it is what a
+    PreTrainedTokenizerFast loads) and wants extra_special_tokens as a dict, so a list goes under the key
+    both versions read, additional_special_tokens."""
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    return config
+
+
+def portable_preprocessor_config(config):
+    """preprocessor_config.json: 4.5x's image processor reads the top-level min_pixels / max_pixels and not
+    `size`; write both, with the same bounds (5.x lets the top-level keys win, so they must agree)."""
+    size = config.get("size") or {}
+    if "shortest_edge" in size and "longest_edge" in size:
+        config["min_pixels"], config["max_pixels"] = size["shortest_edge"], size["longest_edge"]
+    return config
+
+
+def make_portable(folder):
+    """Rewrite a saved folder's JSON files so that transformers 4.5x (what many serving stacks pin) loads the
+    same model, tokenizer and image sizes as 5.x. Idempotent; the weights are untouched."""
+    _rewrite_json(os.path.join(folder, "config.json"), portable_config)
+    _rewrite_json(os.path.join(folder, "tokenizer_config.json"), portable_tokenizer_config)
+    _rewrite_json(os.path.join(folder, "preprocessor_config.json"), portable_preprocessor_config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,6 +178,45 @@ def latest_checkpoint(out_dir):
             if step > best_step:
                 best, best_step = os.path.join(out_dir, name), step
     return best
+
+
+def clean_partial(out_dir):
+    """Put right what a crash mid-save left in out_dir: a `X.partial-PID` folder is incomplete (removed); a
+    `X.old-PID` folder is the complete previous X, renamed just before the new one took its place (put back
+    if X is missing, else removed). Returns what was done, one line each. Call it before any save starts."""
+    done = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        path, stem = os.path.join(out_dir, name), name.split(".partial-")[0].split(".old-")[0]
+        if ".partial-" in name:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            done.append(f"removed {path}: a checkpoint a crash left half-written")
+        elif ".old-" in name and not os.path.exists(os.path.join(out_dir, stem)):
+            os.rename(path, os.path.join(out_dir, stem))
+            done.append(f"restored {os.path.join(out_dir, stem)} from {path}: a crash came between two renames")
+        elif ".old-" in name:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}: the previous copy of a checkpoint that was replaced")
+    return done
+
+
+# the flags a resumed run may change: where it runs, what it keeps, how it is batched in memory
+RESUMABLE_CHANGES = {"resume", "device", "save_every", "keep", "skip_bad", "no_check_images", "micro_batch_size",
+                     "prompts_per_call", "verifier_cache"}
+
+
+def check_resume_args(path, args):
+    """Refuse to resume the checkpoint at `path` with other settings: the saved optimizer and schedule
+    would silently override a new --lr, and a new --lora_r would not fit the saved adapter. Every flag
+    but RESUMABLE_CHANGES must be as it was; the message lists each difference."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        saved = json.load(f)["extra"].get("args") or {}
+    now = json.loads(json.dumps(vars(args)))  # as JSON has it (lists, not tuples)
+    diff = [k for k in sorted(set(saved) | set(now))
+            if k not in RESUMABLE_CHANGES and saved.get(k, "(not set)") != now.get(k, "(not set)")]
+    if diff:
+        said = "; ".join(f"--{k} {saved.get(k, '(not set)')} then, {now.get(k, '(not set)')} now" for k in diff)
+        raise SystemExit(f"--resume: {path} was trained with other settings: {said}. Resume with the settings "
+                         "it was started with, or give another --out for a new run.")
 
 
 def prune_checkpoints(out_dir, keep):

@@ -28,23 +28,45 @@ def add_runtime_args(ap):
     ap.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
 
 
+def add_sampling_args(ap, *, num_samples, prompts_per_call, max_new_tokens, top_p=1.0):
+    """The sampler's flags, the same in every script that samples (engine.sample_completions)."""
+    a = ap.add_argument
+    a("--num_samples", type=positive_int, default=num_samples,
+      help="samples per prompt (GRPO's group size G; the N answers of mining and two-step inference)")
+    a("--prompts_per_call", type=positive_int, default=prompts_per_call,
+      help="prompts per sampler call on one rank: memory and speed. Each call has its own seed, so with 1 the "
+           "samples do not depend on the number of ranks")
+    a("--max_new_tokens", type=positive_int, default=max_new_tokens, help="completion length limit in tokens")
+    a("--temperature", type=positive_float, default=1.0, help="sampling temperature T")
+    a("--top_p", type=probability, default=top_p, help="nucleus sampling mass")
+
+
 def add_image_args(ap):
     """--min_pixels, --max_pixels: default None keeps what the checkpoint's preprocessor config says."""
-    ap.add_argument("--min_pixels", type=int, default=None,
+    ap.add_argument("--min_pixels", type=positive_int, default=None,
                     help="smallest image area in pixels after resizing (default: the checkpoint's own)")
-    ap.add_argument("--max_pixels", type=int, default=None,
+    ap.add_argument("--max_pixels", type=positive_int, default=None,
                     help="largest image area in pixels after resizing, i.e. at most max_pixels / 28² visual "
                          "tokens (default: the checkpoint's own; DiVE-k uses 401408)")
 
 
-def positive(name):
-    """An argparse type for counts that must be >= 1."""
-    def check(text):
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+def _bounded(kind, ok, rule):
+    """An argparse type: `kind(text)`, refused with the rule when `ok` says no (the flag is named by argparse)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
-    return check
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
+nonnegative_int = _bounded(int, lambda v: v >= 0, "0 or more")
+positive_float = _bounded(float, lambda v: v > 0, "more than 0")
+nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
+fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
+probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,10 +215,19 @@ def append_jsonl(path, rows):
 
 
 class JsonlLog:
-    """Training metrics, one JSON line per step (rank 0 only), on disk as soon as they are written."""
+    """Training metrics, one JSON line per step (rank 0 only), on disk as soon as they are written.
 
-    def __init__(self, path, d):
+    A run that starts at `start_step` (0, or the step it resumed from) first drops the rows of later steps
+    a previous run left (logged after its last checkpoint, or a whole earlier run in the same folder): the
+    steps it is about to run are logged once."""
+
+    def __init__(self, path, d, start_step=0):
         self.path = path if d.is_main else None
+        if self.path and os.path.exists(path):
+            rows = read_jsonl(path)
+            kept = [row for row in rows if row.get("step", 0) <= start_step]
+            if len(kept) < len(rows):
+                write_jsonl(path, kept)
 
     def write(self, row):
         if self.path:

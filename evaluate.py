@@ -56,10 +56,10 @@ from collections import Counter, defaultdict
 
 
 import vlm
-from common import (ResumableShards, add_image_args, add_runtime_args, barrier, cleanup, init_distributed, positive,
-                    print0, read_jsonl, shard, write_jsonl)
+from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, barrier, cleanup,
+                    init_distributed, nonnegative_int, positive_int, print0, read_jsonl, shard, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
-from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records
+from data.records import ImageError, classes_of, load_classes, load_image, read_records
 from engine import sample_completions
 from mine_topk import build_mcq, listed_classes, mcq_rng, sample_candidates
 from reward import (CATEGORIES, LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct,
@@ -395,16 +395,12 @@ def parse_args(argv=None):
     a("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
       help="class names listed in open / two_step prompts (split = the image's base or novel list); default "
            "none for open, split for two_step")
-    a("--prompts_per_call", type=positive("--prompts_per_call"), default=8, help="images per sampler call")
-    a("--max_new_tokens", type=positive("--max_new_tokens"), default=512, help="completion length limit")
-    a("--num_samples", type=positive("--num_samples"), default=20, help="two_step: answers sampled per image")
-    a("--k", type=positive("--k"), default=5, help="two_step: options (most frequent valid answers)")
-    a("--temperature", type=float, default=1.0, help="two_step: candidate sampling temperature")
-    a("--top_p", type=float, default=0.95, help="two_step: candidate sampling nucleus mass")
+    a("--k", type=positive_int, default=5, help="two_step: options (most frequent valid answers)")
     a("--verifier_model", default=None, help="open_world: local text model as LLM judge")
     a("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
-    a("--limit", type=int, default=0, help="only the first N records of each file (0 = all)")
+    a("--limit", type=nonnegative_int, default=0, help="only the first N records of each file (0 = all)")
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    add_sampling_args(ap, num_samples=20, prompts_per_call=8, max_new_tokens=512, top_p=0.95)  # two_step samples
     add_image_args(ap)
     add_runtime_args(ap)  # --seed: two_step's candidate sampling and option shuffle
     a("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
@@ -433,10 +429,9 @@ def main(argv=None):
     d = init_distributed(args.device)
     table = load_classes(args.classes)
     index = ClassIndex(table)
-    known = set(class_names(table, "all"))
     files = []
     for path in args.data:
-        records = read_records(path, skip_bad=args.skip_bad, known_labels=known)
+        records = read_records(path, skip_bad=args.skip_bad, classes=table)
         files.append((path, records[:args.limit] if args.limit else records))
     if "mcq" in args.mode:
         bad = [p for p, recs in files if any("options" not in r or "answer" not in r for r in recs)]

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 import reward as rewards_lib
 import vlm
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
-                    generator_of, init_distributed, positive, print0, progress, rng_of, seed_process)
+from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
+                    epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
+                    positive_float, positive_int, print0, progress, rng_of, seed_process)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 from engine import sample_completions
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--model", required=True, help="HF id or folder of the starting policy")
     a("--data", nargs="+", required=True, help="JSONL: open-ended records, MCQ records (mine_topk.py) or triplets")
-    a("--classes", default=None, help="classes.json: class list for prompts, verifier, TAPO negatives")
+    a("--classes", default=None, help="classes.json: labels checked against it; class list for prompts, verifier")
     a("--out", required=True, help="output folder: step_*/, final/, log.jsonl")
     a("--prompt", default="auto", choices=["auto", "open", "open_list", "mcq", "open_world", "record"],
       help="question asked (data/prompts.py); auto = mcq for records with options, else open")
@@ -56,40 +57,34 @@ def parse_args(argv=None):
     # the GRPO family
     a("--loss", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"], help="aggregation (docs/methods.md §4)")
     a("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage normalisation")
-    a("--beta", type=float, default=0.04, help="KL coefficient (k3 estimator against the starting policy)")
-    a("--epsilon_low", type=float, default=0.2, help="lower clip of the ratio: 1 - ε_low")
-    a("--epsilon_high", type=float, default=0.2, help="upper clip: 1 + ε_high (DAPO's clip-higher: 0.28)")
-    a("--num_iterations", type=positive("--num_iterations"), default=1,
+    a("--beta", type=nonnegative_float, default=0.04, help="KL coefficient (k3 estimator against the starting policy)")
+    a("--epsilon_low", type=fraction, default=0.2, help="lower clip of the ratio: 1 - ε_low")
+    a("--epsilon_high", type=nonnegative_float, default=0.2, help="upper clip: 1 + ε_high (DAPO's clip-higher: 0.28)")
+    a("--num_iterations", type=positive_int, default=1,
       help="updates per rollout (old log-probs stored when > 1)")
-    a("--mini_batches", type=positive("--mini_batches"), default=1,
+    a("--mini_batches", type=positive_int, default=1,
       help="optimizer steps per iteration, each on a slice of the groups")
     a("--dynamic_sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal, resample")
-    a("--max_resample", type=int, default=4, help="extra draws per step for dynamic sampling before giving up")
-    a("--overlong_cache", type=int, default=0, help="DAPO overlong shaping over the last N tokens (0: off)")
+    a("--max_resample", type=nonnegative_int, default=4, help="extra draws per step for dynamic sampling before giving up")
+    a("--overlong_cache", type=nonnegative_int, default=0, help="DAPO overlong shaping over the last N tokens (0: off)")
     # TAPO
     a("--tapo", action="store_true", help="Fine-R1's triplet-augmented policy optimisation")
     a("--tapo_anchor_only", action="store_true", help="score positive-image rollouts under the anchor image")
     a("--confusions", default=None, help="confusions.json from mine_topk.py (TAPO negatives)")
-    a("--gamma", type=float, default=0.01, help="TAPO inter-class KL weight")
-    a("--eta", type=float, default=0.03, help="TAPO entropy regulariser weight on mean(-log p)")
+    a("--gamma", type=nonnegative_float, default=0.01, help="TAPO inter-class KL weight")
+    a("--eta", type=nonnegative_float, default=0.03, help="TAPO entropy regulariser weight on mean(-log p)")
     # sampling
-    a("--num_samples", type=positive("--num_samples"), default=4, help="G: completions per prompt item (a group)")
-    a("--prompts_per_step", type=positive("--prompts_per_step"), default=8,
+    a("--prompts_per_step", type=positive_int, default=8,
       help="prompt items per step over all ranks (divisible by the ranks)")
-    a("--prompts_per_call", type=positive("--prompts_per_call"), default=8,
-      help="prompt items per sampler call on one rank (memory and speed; each call has its own seed, so with 1 "
-           "the samples do not depend on the number of ranks)")
-    a("--micro_batch_size", type=positive("--micro_batch_size"), default=8,
+    a("--micro_batch_size", type=positive_int, default=8,
       help="completions per training forward on one rank")
-    a("--temperature", type=float, default=1.0)
-    a("--top_p", type=float, default=1.0)
-    a("--top_k", type=int, default=0)
-    a("--max_new_tokens", type=positive("--max_new_tokens"), default=256, help="completion length limit L_max")
+    a("--top_k", type=nonnegative_int, default=0, help="sample from the k likeliest tokens (0: all)")
     # optimisation
-    a("--max_steps", type=int, default=0, help="rollout steps (0: from --epochs)")
-    a("--epochs", type=float, default=1.0, help="passes over the items (ignored with --max_steps)")
+    a("--max_steps", type=nonnegative_int, default=0, help="rollout steps (0: from --epochs)")
+    a("--epochs", type=positive_float, default=1.0, help="passes over the items (ignored with --max_steps)")
     vlm.add_training_args(ap, lr=1e-6, schedule="constant", warmup_ratio=0.0)
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    add_sampling_args(ap, num_samples=4, prompts_per_call=8, max_new_tokens=256)
     add_image_args(ap)
     add_runtime_args(ap)
     return ap.parse_args(argv)
@@ -211,7 +206,8 @@ def load_item(record, index, items, args, confusions):
             if not args.tapo:
                 return record, [anchor], None, bad
             pos, neg = tapo_images(record, items, confusions, rng)
-            fit = lambda path: (lambda im: im.resize(anchor.size) if im.size != anchor.size else im)(load_image(path))
+            pos, neg = load_image(pos), load_image(neg)
+            fit = lambda image: image if image.size == anchor.size else image.resize(anchor.size)
             return record, [anchor, fit(pos)], fit(neg), bad
         except ImageError as e:
             print(f"warning: {record.get('_src', '')}: {e}", flush=True)
@@ -485,7 +481,7 @@ def main(argv=None):
         raise SystemExit("--num_samples must be >= 2 (and even with --tapo)")
 
     table = load_classes(args.classes) if args.classes else None
-    records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad)]
+    records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
     names = class_names(table, "base") if table else None
     confusions = {}
     if args.confusions:
@@ -506,7 +502,7 @@ def main(argv=None):
     print0(f"{len(records)} items, {steps} steps of {args.prompts_per_step} prompts x {args.num_samples}, "
            f"reward {reward_fn.spec}, loss {args.loss}, {sum(p.numel() for p in training.params) / 1e6:.2f}M "
            f"trainable parameters on {d.world_size} rank(s)")
-    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d)
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step)
     bar = progress(training.start_step, steps, d, "grpo")
     for step in bar:
         t0 = time.time()

@@ -44,10 +44,10 @@ from collections import Counter
 
 
 import vlm
-from common import (ResumableShards, add_image_args, add_runtime_args, cleanup, generator_of, init_distributed, positive,
-                    print0, rng_of, shard)
+from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, cleanup, generator_of,
+                    init_distributed, nonnegative_int, positive_int, print0, rng_of, shard)
 from data.prompts import open_question
-from data.records import ImageError, class_names, classes_of, load_classes, load_image, read_records, write_records
+from data.records import ImageError, classes_of, load_classes, load_image, read_records, write_records
 from engine import sample_completions
 from reward import LETTERS, ClassMatcher, extract_answer
 
@@ -269,22 +269,17 @@ def parse_args(argv=None):
     a("--data", required=True, help="records JSONL (e.g. data/toy/train.jsonl)")
     a("--classes", required=True, help="classes.json of the dataset (class list, aliases, base)")
     a("--out", required=True, help="output MCQ records JSONL; confusions.json goes beside it")
-    a("--num_samples", type=positive("--num_samples"), default=20, help="N answers sampled per image")
-    a("--k", type=positive("--k"), default=5, help="options per MCQ (the k most frequent valid answers)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature")
-    a("--top_p", type=float, default=0.95, help="nucleus sampling mass")
-    a("--max_new_tokens", type=positive("--max_new_tokens"), default=512, help="completion length limit")
+    a("--k", type=positive_int, default=5, help="options per MCQ (the k most frequent valid answers)")
     a("--class_list", default="base", choices=["base", "novel", "all", "none"],
       help="class names listed in the prompt (and counted as valid; none: base are valid)")
-    a("--prompts_per_call", type=positive("--prompts_per_call"), default=4,
-      help="images per sampler call (x num_samples rows); 1 = identical output for any world size")
     a("--no_skip_trivial", dest="skip_trivial", action="store_false",
       help="keep images whose only valid answer is the ground truth (DiVE-k skips them)")
     a("--candidates", action="store_true",
       help="two-step inference candidate step: the model's own top-k, no ground truth added")
     a("--keep_texts", action="store_true", help="also store the N raw completions per record")
-    a("--limit", type=int, default=0, help="only the first N records (0 = all)")
+    a("--limit", type=nonnegative_int, default=0, help="only the first N records (0 = all)")
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
+    add_sampling_args(ap, num_samples=20, prompts_per_call=4, max_new_tokens=512, top_p=0.95)
     add_image_args(ap)
     add_runtime_args(ap)
     return ap.parse_args(argv)
@@ -294,7 +289,7 @@ def main(argv=None):
     args = parse_args(argv)
     d = init_distributed(args.device)
     table = load_classes(args.classes)
-    records = read_records(args.data, skip_bad=args.skip_bad, known_labels=set(class_names(table, "all")))
+    records = read_records(args.data, skip_bad=args.skip_bad, classes=table)
     records = records[:args.limit] if args.limit else records
     model = vlm.load_model(args.model, d.device, args.dtype)
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)

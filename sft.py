@@ -32,7 +32,8 @@ import torch
 import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
-                    init_distributed, positive, print0, progress, seed_process, shard)
+                    init_distributed, nonnegative_int, positive_float, positive_int, print0, progress, seed_process,
+                    shard)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 
@@ -43,22 +44,22 @@ def parse_args(argv=None):
     a("--model", required=True, help="HF id or folder of the starting checkpoint")
     a("--data", nargs="+", required=True, help="training JSONL file(s)")
     a("--val_data", nargs="*", default=[], help="JSONL file(s) for the validation loss")
-    a("--classes", default=None, help="classes.json (needed by --question open_list)")
+    a("--classes", default=None, help="classes.json: labels checked against it; needed by --question open_list")
     a("--out", required=True, help="output folder: step_*/ checkpoints, final/, log.jsonl")
     a("--question", default="auto", choices=["auto", "record", "open", "open_list", "open_world"],
       help="auto = the record's `question` field if it has one, else the open-ended question")
     a("--target", default="auto", choices=["auto", "record", "answer"],
       help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
-    a("--per_class", type=int, default=0,
+    a("--per_class", type=nonnegative_int, default=0,
       help="keep only the first N records of each label (Fine-R1: one example per seen class)")
-    a("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
-    a("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max_steps)")
-    a("--batch_size", type=positive("--batch_size"), default=16, help="examples per optimizer step over all ranks")
-    a("--micro_batch_size", type=positive("--micro_batch_size"), default=4, help="examples per forward on one rank")
-    a("--max_new_tokens", type=positive("--max_new_tokens"), default=4096,
+    a("--max_steps", type=nonnegative_int, default=0, help="optimizer steps (0: from --epochs)")
+    a("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max_steps)")
+    a("--batch_size", type=positive_int, default=16, help="examples per optimizer step over all ranks")
+    a("--micro_batch_size", type=positive_int, default=4, help="examples per forward on one rank")
+    a("--max_new_tokens", type=positive_int, default=4096,
       help="longest target trained on, in tokens; longer targets are cut")
     vlm.add_training_args(ap, lr=1e-5, schedule="cosine", warmup_ratio=0.03)
-    a("--val_every", type=int, default=0, help="validation loss every N steps (0: at the end)")
+    a("--val_every", type=nonnegative_int, default=0, help="validation loss every N steps (0: at the end)")
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
     a("--no_check_images", action="store_true", help="do not open every image before training")
     add_image_args(ap)
@@ -137,9 +138,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     # data: every record validated before the run starts (file:line on error, or dropped with --skip_bad)
-    names = class_names(load_classes(args.classes), "base") if args.classes else None
+    table = load_classes(args.classes) if args.classes else None  # labels and aliases are checked against it
+    names = class_names(table, "base") if table else None
     read = lambda paths: [r for p in paths for r in read_records(p, check_images=not args.no_check_images,
-                                                                 skip_bad=args.skip_bad)]
+                                                                 skip_bad=args.skip_bad, classes=table)]
     records = read(args.data)
     if args.per_class:
         records = first_per_class(records, args.per_class)
@@ -156,7 +158,7 @@ def main(argv=None):
     print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
            f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")
 
-    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d)
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step)
     per_rank = args.batch_size // d.world_size
     bar = progress(training.start_step, total_steps, d, "sft")
     training.policy.train()

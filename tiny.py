@@ -7,6 +7,7 @@ special tokens and chat template. Nothing is downloaded; the same seed and corpu
 
     python tiny.py --out out/tiny                           # random weights, the default corpus
     python tiny.py --out out/tiny --corpus data/toy/sft.jsonl
+    python tiny.py --out out/rw7b --shape 7b --text_layers 2   # 7B's widths, two layers (runs/smoke_real_width.sh)
 """
 
 import argparse
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from checkpoint import atomic_dir
+from checkpoint import atomic_dir, make_portable
 from vlm import QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, image_processor_class, load_model
 
 TINY_CORPUS = [
@@ -85,6 +86,7 @@ def _save(out_dir, model, tokenizer, image_processor, hub_form=False):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
+        make_portable(tmp)
         if hub_form:  # the image bounds as the Hub's Qwen2.5-VL files write them: top-level keys, no `size`
             path = os.path.join(tmp, "preprocessor_config.json")
             with open(path) as f:
@@ -97,7 +99,8 @@ def _save(out_dir, model, tokenizer, image_processor, hub_form=False):
 
 
 def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=112, text_layers=4,
-                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14):
+                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14,
+                     tie=True):
     """Create a tiny Qwen2.5-VL (random weights) and its tokenizer, deterministically from `seed` and
     `corpus`, saved as a Hugging Face folder. Images are resized to at most image_size² pixels."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -117,7 +120,7 @@ def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=1
                            intermediate_size=vision_hidden * 2, num_heads=2, out_hidden_size=hidden,
                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[vision_depth - 1]),
-        tie_word_embeddings=True,  # as Qwen2.5-VL-3B
+        tie_word_embeddings=tie,  # tied as Qwen2.5-VL-3B, untied as 7B
         **{k: v for k, v in ids.items() if k != "text"})
     torch.manual_seed(seed)
     config.initializer_range = init_std
@@ -187,15 +190,23 @@ def parse_args(argv=None):
     ap.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (upper bound)")
     ap.add_argument("--image_size", type=int, default=112, help="largest image side: max_pixels = side²")
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the language model")
-    ap.add_argument("--hidden", type=int, default=128, help="width of the language model")
+    ap.add_argument("--hidden", type=int, default=128, help="width of the language model (tiny shape)")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"],
+                    help="3b / 7b: Qwen2.5-VL-3B's / 7B's widths, vocabulary and vision tower, with --text_layers "
+                         "and --vision_depth layers, in bf16 (build_real_width_model)")
+    ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the vision tower")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    corpus = read_corpus(args.corpus or [])
-    build_tiny_model(args.out, seed=args.seed, corpus=corpus or None, vocab_size=args.vocab_size,
-                     image_size=args.image_size, text_layers=args.text_layers, hidden=args.hidden)
+    corpus = read_corpus(args.corpus or []) or None
+    if args.shape == "tiny":
+        build_tiny_model(args.out, seed=args.seed, corpus=corpus, vocab_size=args.vocab_size,
+                         image_size=args.image_size, text_layers=args.text_layers, hidden=args.hidden,
+                         vision_depth=args.vision_depth)
+    else:
+        build_real_width_model(args.out, args.shape, args.text_layers, args.vision_depth, args.seed, corpus)
     model = load_model(args.out)
     print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 

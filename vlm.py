@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import lora
-from common import print0, resolve_dtype
+from common import (barrier, fraction, nonnegative_float, nonnegative_int, positive_float, print0,
+                    resolve_dtype)
 from data.records import load_image
 from engine import sample_completions
 
@@ -478,19 +479,19 @@ class Training:
 def add_training_args(ap, *, lr, schedule, warmup_ratio):
     """The flags `setup_training` reads, with the stage's own defaults for the schedule."""
     a = ap.add_argument
-    a("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    a("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     a("--schedule", default=schedule, choices=["constant", "cosine"], help="after the warmup")
-    a("--warmup_ratio", type=float, default=warmup_ratio, help="share of the updates with linear warmup")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    a("--grad_clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    a("--lora_r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    a("--lora_alpha", type=float, default=32, help="LoRA scale alpha / r")
-    a("--lora_dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    a("--warmup_ratio", type=fraction, default=warmup_ratio, help="share of the updates with linear warmup")
+    a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW weight decay on matrices")
+    a("--grad_clip", type=nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
+    a("--lora_r", type=nonnegative_int, default=0, help="LoRA rank (0: full fine-tuning)")
+    a("--lora_alpha", type=positive_float, default=32, help="LoRA scale alpha / r")
+    a("--lora_dropout", type=fraction, default=0.05, help="dropout on the adapters' input")
     a("--train_vision", action="store_true", help="also train the vision tower and merger (frozen by default)")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     a("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (full fine-tuning of 7B) instead of DDP")
-    a("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    a("--keep", type=int, default=2, help="step checkpoints kept on disk")
+    a("--save_every", type=nonnegative_int, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--keep", type=nonnegative_int, default=2, help="step checkpoints kept on disk")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 
@@ -501,7 +502,15 @@ def setup_training(args, d, total_updates, reference=False):
     weights, LoRA puts its adapter back on the starting model; optimizer, schedule and RNG are restored.
     `reference`: also load the KL term's reference policy (the starting weights, frozen) for full
     fine-tuning; with LoRA the reference is the policy itself with its adapters switched off."""
+    if d.is_main:
+        for line in checkpoint.clean_partial(args.out):
+            print(line, flush=True)
+    barrier()
     resume_from = checkpoint.latest_checkpoint(args.out) if args.resume else None
+    if resume_from:
+        checkpoint.check_resume_args(resume_from, args)
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
     bf16 = resolve_dtype(args.dtype, d.device) == torch.bfloat16
     # FSDP2 shards fp32 weights loaded on the CPU; everything else loads on its device in its dtype
     where, dtype = ("cpu", "fp32") if args.fsdp else (d.device, args.dtype)

@@ -26,7 +26,8 @@ import time
 
 from . import loaders, splits, toy
 from .prompts import domain
-from .records import class_names, load_classes, make_record, read_records, scan_records, write_classes, write_records
+from .records import (class_names, drop_shared_aliases, load_classes, make_record, read_records, scan_records,
+                      write_classes, write_records)
 
 SETTINGS_HELP = """\
 settings (--setting):
@@ -99,13 +100,15 @@ def print_table(files, out):
     print(f"written to {out}")
 
 
-def check_files(paths, known_labels, skip_bad):
-    """Open every image of each records file. Bad records are printed with file and line; with
-    skip_bad they are dropped from the file (rewritten atomically). Returns the number of bad records."""
+def check_files(paths, classes, skip_bad):
+    """Check every record of each file as a run would before it starts (fields, MCQ answers, labels and
+    aliases against the class table `classes` when given) and open every image. Bad records are printed
+    with file and line; with skip_bad they are dropped from the file (rewritten atomically). Returns the
+    number of bad records."""
     total = 0
     for path in paths:
         good, bad = [], []
-        for record, problem in scan_records(path, check_images=True, known_labels=known_labels):
+        for record, problem in scan_records(path, check_images=True, classes=classes):
             if problem is None:
                 good.append(record)
             else:
@@ -121,10 +124,10 @@ def check_files(paths, known_labels, skip_bad):
     return total
 
 
-def _finish_check(args, paths, known_labels):
+def _finish_check(args, paths, classes):
     if not args.check:
         return
-    bad = check_files(paths, known_labels, args.skip_bad)
+    bad = check_files(paths, classes, args.skip_bad)
     if bad and not args.skip_bad:
         raise SystemExit(f"--check: {bad} bad record(s); fix them or rerun with --skip_bad to drop them")
     print(f"--check: every image opened ({bad} bad record(s) dropped)" if bad else "--check: every image opened")
@@ -139,6 +142,9 @@ def prepare_dataset(args):
     name, classes, official = load(args)
     if args.taxonomy:
         loaders.apply_taxonomy(classes, args.taxonomy)
+    for alias, owners in drop_shared_aliases(classes):
+        print(f"alias {alias!r} names {' and '.join(repr(o) for o in owners)}: dropped (an answer naming it "
+              "would be credited to either)")
     splits.mark_base(classes)
     official = dict(official)
     if "test" not in official:  # a user's own data: carve a test split first, then validation
@@ -163,7 +169,7 @@ def prepare_dataset(args):
     print(f"{name}: {len(classes)} classes ({b} base, {len(classes) - b} novel), setting {args.setting}"
           + (f", {shots} shots, seed {args.seed}" if shots else ""))
     print_table(files, args.out)
-    _finish_check(args, [os.path.join(args.out, f"{stem}.jsonl") for stem in files], set(class_names(table)))
+    _finish_check(args, [os.path.join(args.out, f"{stem}.jsonl") for stem in files], table)
 
 
 def prepare_toy(args):
@@ -179,7 +185,7 @@ def prepare_toy(args):
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
           f"{args.size} px, seed {args.seed}, generated in {time.time() - start:.1f}s")
     print_table(files, args.out)
-    _finish_check(args, [os.path.join(args.out, f"{stem}.jsonl") for stem in files], set(class_names(table)))
+    _finish_check(args, [os.path.join(args.out, f"{stem}.jsonl") for stem in files], table)
 
 
 def prepare_mix(args):
@@ -213,8 +219,7 @@ def run_check(args):
     bad = 0
     for path in paths:
         classes = os.path.join(os.path.dirname(os.path.abspath(path)), "classes.json")
-        known = set(class_names(load_classes(classes))) if os.path.exists(classes) else None
-        bad += check_files([path], known, args.skip_bad)
+        bad += check_files([path], load_classes(classes) if os.path.exists(classes) else None, args.skip_bad)
     print(f"checked {len(paths)} file(s): {bad} bad record(s)" + (" dropped" if bad and args.skip_bad else ""))
     if bad and not args.skip_bad:
         raise SystemExit(1)

@@ -21,7 +21,8 @@ import os
 import sys
 import tempfile
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from .prompts import LETTERS
 
@@ -42,27 +43,51 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer sides (smart_resize)
+
+
+def to_rgb(image):
+    """The RGB image a camera or an editor meant, as transformers' own processor composes it: EXIF
+    orientation applied, 16-bit values scaled to 8 bits (not clipped to white), and transparency composited
+    onto white (PIL's convert("RGB") would keep whatever colour a transparent pixel stores)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale PNG/TIFF
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def load_image(path):
-    """Open an image, decode it fully and convert to RGB.
+    """Open an image, decode it fully and convert it to RGB (`to_rgb`).
 
     `.load()` forces the decode now: PIL opens lazily, and a truncated JPEG would otherwise only fail
-    later, deep inside a training step. Missing, corrupt and truncated files raise ImageError.
+    later, deep inside a training step. Missing, corrupt and truncated files, and images too elongated
+    for Qwen2.5-VL (over 200:1), raise ImageError naming the file.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            image = to_rgb(image)
     except FileNotFoundError:
         raise ImageError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot decode image ({e})") from None
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageError(f"{path}: {w}x{h} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1, which Qwen2.5-VL's "
+                         "image processor refuses")
+    return image
 
 
 # ----------------------------------------------------------------------------------------------
 # reading
 
-def _check_fields(record, known_labels):
-    """The reason a parsed record is bad, or None. Types are checked only for the fields we know."""
+def _check_fields(record, known_labels, names=None):
+    """The reason a parsed record is bad, or None. Types are checked only for the fields we know; with
+    `names` (`name_index` of the class table) an alias must not also name another class."""
     for key in ("image", "label"):
         if key not in record:
             return f"missing field '{key}'"
@@ -83,20 +108,32 @@ def _check_fields(record, known_labels):
             return "field 'options' needs at least 2 options"
         if "answer" in record:
             letters = LETTERS[:len(record["options"])]
-            if record["answer"] not in letters:
+            if len(record["answer"]) != 1 or record["answer"] not in letters:  # "" and "AB" are substrings too
                 return f"answer {record['answer']!r} is not one of the option letters {letters}"
     if known_labels is not None and record["label"] not in known_labels:
         return f"unknown label {record['label']!r}"
+    if names is not None:
+        from reward import normalize
+        for alias in record.get("aliases") or []:
+            others = sorted(names.get(normalize(alias), set()) - {record["label"]})
+            if others:
+                return (f"alias {alias!r} of {record['label']!r} also names class {others[0]!r}: an answer "
+                        f"{alias!r} would be credited to both")
     return None
 
 
-def scan_records(path, *, check_images=False, known_labels=None):
+def scan_records(path, *, check_images=False, known_labels=None, classes=None):
     """Yield (record, None) for each good line and (None, RecordError) for each bad one.
 
-    The slow, thorough pass behind read_records and `prepare --check`: it goes on after a bad line so a
-    user sees every problem at once.
+    The slow, thorough pass behind read_records and `prepare check`: it goes on after a bad line so a
+    user sees every problem at once. `classes` (a class table) gives the known labels and the names an
+    alias must not share.
     """
     path = str(path)
+    names = None
+    if classes is not None:
+        known_labels = set(class_names(classes)) if known_labels is None else known_labels
+        names = name_index(classes)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: records file not found")
@@ -112,7 +149,7 @@ def scan_records(path, *, check_images=False, known_labels=None):
             if not isinstance(record, dict):
                 yield None, RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
                 continue
-            reason = _check_fields(record, known_labels)
+            reason = _check_fields(record, known_labels, names)
             if reason is None:
                 for key in IMAGE_KEYS:  # relative paths are relative to the JSONL file's folder
                     if key in record:
@@ -132,15 +169,18 @@ def scan_records(path, *, check_images=False, known_labels=None):
             yield record, None
 
 
-def read_records(path, *, check_images=False, skip_bad=False, known_labels=None):
+def read_records(path, *, check_images=False, skip_bad=False, known_labels=None, classes=None):
     """Read a JSONL records file into a list of dicts.
 
-    Blank lines are ignored. A bad line (invalid JSON, a missing or mistyped field, a label outside
-    `known_labels`, with `check_images` an image that does not decode) raises RecordError
-    "file:line: reason"; with `skip_bad` it is dropped and one summary line goes to stderr.
+    Blank lines are ignored. A bad line (invalid JSON, a missing or mistyped field, an MCQ answer that is
+    not one option's letter, a label outside `known_labels` or the class table `classes`, an alias that
+    also names another class, with `check_images` an image that does not decode or that Qwen2.5-VL
+    refuses) raises RecordError "file:line: reason"; with `skip_bad` it is dropped and one summary line
+    goes to stderr.
     """
     records, bad, first = [], 0, None
-    for record, problem in scan_records(path, check_images=check_images, known_labels=known_labels):
+    for record, problem in scan_records(path, check_images=check_images, known_labels=known_labels,
+                                        classes=classes):
         if record is not None:
             records.append(record)
             continue
@@ -258,6 +298,31 @@ def classes_of(table, dataset=None):
     if parts and not table.get("classes"):
         return [c for part in parts.values() for c in part["classes"]]
     return table["classes"]
+
+
+def name_index(table):
+    """{normalised name or alias: the classes it names} over every class of a table (all its parts)."""
+    from reward import normalize  # the one normalisation of names and answers
+    index = {}
+    for cls in classes_of(table):
+        for name in [cls["name"]] + list(cls.get("aliases", [])):
+            if normalize(name):
+                index.setdefault(normalize(name), set()).add(cls["name"])
+    return index
+
+
+def drop_shared_aliases(classes):
+    """Remove every alias that normalises to another class's name or alias: an answer naming it would be
+    credited to two classes (the mining matcher already calls it ambiguous). Returns [(alias, classes)]."""
+    index = name_index({"classes": classes})
+    from reward import normalize
+    dropped = []
+    for cls in classes:
+        shared = [a for a in cls.get("aliases", []) if len(index.get(normalize(a), ())) > 1]
+        for alias in shared:
+            dropped.append((alias, sorted(index[normalize(alias)])))
+        cls["aliases"] = [a for a in cls.get("aliases", []) if a not in shared]
+    return dropped
 
 
 def class_names(table, which="all", dataset=None):

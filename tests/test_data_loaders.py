@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data import loaders, prepare
-from data.records import RecordError, load_classes, read_records
+from data.records import RecordError, load_classes, read_records, write_records
 
 
 def jpg(path, colour=(120, 60, 30)):
@@ -468,3 +468,56 @@ def test_help_documents_every_dataset_and_setting(capsys):
         prepare.main(["cub", "--help"])
     out = capsys.readouterr().out
     assert "Taxonomy file" in out and "--shots" in out and "--skip_bad" in out
+
+
+def test_an_alias_shared_by_two_classes_is_dropped_at_prepare_and_caught_by_check(tmp_path, capsys):
+    """An answer naming an alias of two classes would be credited to both by the exact reward (the mining
+    matcher calls it ambiguous): prepare drops it from both and says so; `check` names a records file
+    whose aliases collide with another class."""
+    from reward import is_correct
+    manifest = tmp_path / "manifest.jsonl"
+    rows = []
+    for name, aliases in (("Common Tern", ["tern", "Sterna hirundo"]), ("Arctic Tern", ["Tern", "Artic Tern"]),
+                          ("Herring Gull", [])):
+        for k in range(4):
+            jpg(tmp_path / "img" / f"{name}{k}.jpg")
+            rows.append({"image": f"img/{name}{k}.jpg", "label": name, "aliases": aliases})
+    text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    prepare.main(["jsonl", "--root", str(manifest), "--out", str(tmp_path / "out"), "--setting", "all"])
+    assert "alias 'Tern' names 'Arctic Tern' and 'Common Tern': dropped" in capsys.readouterr().out
+    table = load_classes(tmp_path / "out")
+    aliases = {c["name"]: c["aliases"] for c in table["classes"]}
+    assert aliases["Arctic Tern"] == ["Artic Tern"] and aliases["Common Tern"] == ["Sterna hirundo"]
+    train = read_records(tmp_path / "out" / "train.jsonl", classes=table)
+    assert not any(is_correct("tern", r) for r in train)  # credited to neither
+    assert any(is_correct("Artic Tern", r) for r in train)
+    # a records file made elsewhere, where one record's alias is another class's name
+    bad = [dict(r, aliases=r["aliases"] + ["common tern"]) if r["label"] == "Herring Gull" else r for r in train]
+    write_records(tmp_path / "out" / "train.jsonl", bad)
+    with pytest.raises(SystemExit):
+        prepare.main(["check", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "alias 'common tern' of 'Herring Gull' also names class 'Common Tern'" in err and "train.jsonl:" in err
+
+
+def test_check_catches_every_record_level_problem_before_a_run(tmp_path, capsys):
+    from data.records import write_classes
+    folder = tmp_path / "prepared"
+    write_classes(folder / "classes.json", {"dataset": "d", "domain": "bird", "classes": [
+        {"id": 0, "name": "Common Tern", "aliases": []}, {"id": 1, "name": "Herring Gull", "aliases": []}]})
+    jpg(folder / "ok.jpg")
+    Image.new("RGB", (402, 2)).save(folder / "strip.png")
+    ok = {"image": "ok.jpg", "label": "Common Tern"}
+    rows = [ok, dict(ok, options=["Common Tern", "Herring Gull", "x"], answer="AB"), dict(ok, image="strip.png"),
+            dict(ok, label="Sooty Tern"), dict(ok, label="Herring Gull", aliases=["common tern"]),
+            dict(ok, options=["Common Tern", "Herring Gull"], answer="")]
+    text(folder / "test.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit):
+        prepare.main(["check", str(folder)])
+    err = capsys.readouterr().err
+    path = folder / "test.jsonl"
+    for line, reason in [(2, "answer 'AB' is not one of"), (3, "aspect ratio over 200:1"),
+                         (4, "unknown label 'Sooty Tern'"), (5, "also names class 'Common Tern'"),
+                         (6, "answer '' is not one of")]:
+        assert f"bad record: {path}:{line}: " in err and reason in err.split(f"{path}:{line}: ")[1].splitlines()[0]
+    assert f"{path}:1:" not in err

@@ -71,6 +71,9 @@ def test_blank_lines_are_ignored_and_line_numbers_count_them(tmp_path):
     ({"image": "a.png", "label": "x", "label_id": "3"}, "field 'label_id' must be a non-negative integer"),
     ({"image": "a.png", "label": "x", "aliases": "y"}, "field 'aliases' must be a list of strings"),
     ({"image": "a.png", "label": "x", "options": ["p", "q"], "answer": "C"}, "answer 'C' is not one of"),
+    ({"image": "a.png", "label": "x", "options": ["p", "q"], "answer": ""}, "answer '' is not one of"),
+    ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "AB"}, "answer 'AB' is not one of"),
+    ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "BC"}, "answer 'BC' is not one of"),
     ({"image": "a.png", "label": "x", "options": ["p"]}, "needs at least 2 options"),
     ({"image": "a.png", "label": "parrot"}, "unknown label 'parrot'"),
 ])
@@ -172,3 +175,51 @@ def test_data_does_not_import_the_model_stack():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_transparency_is_composited_onto_white_as_transformers_does(tmp_path):
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 0))  # fully transparent pixels that store red
+    rgba.putpixel((1, 0), (0, 0, 255, 255))  # one opaque blue pixel
+    rgba.putpixel((2, 0), (0, 0, 0, 128))  # half-transparent black
+    rgba.save(tmp_path / "alpha.png")
+    image = load_image(tmp_path / "alpha.png")
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # not the stored red, not black
+    assert image.getpixel((1, 0)) == (0, 0, 255)
+    assert abs(image.getpixel((2, 0))[0] - 127) <= 1  # half-way between black and white
+    la = Image.new("LA", (2, 2), (0, 0))
+    la.save(tmp_path / "la.png")
+    assert load_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")  # what PIL gives for a 16-bit PNG
+    image = load_image(tmp_path / "deep.png")
+    assert [image.getpixel((x, 0))[0] for x in range(4)] == [0, 4, 128, 255]  # convert("RGB") gives 0, 255, 255, 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 30), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 10, 10))  # a red block at the top left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    shown = load_image(tmp_path / "rotated.jpg")
+    assert shown.size == (30, 60)
+    assert shown.getpixel((25, 5))[0] > 200 and shown.getpixel((5, 5))[0] < 50  # now at the top right
+
+
+def test_too_elongated_images_are_named_and_skippable(tmp_path, capsys):
+    png(tmp_path / "ok.png", size=(400, 2))  # exactly 200:1: Qwen2.5-VL's processor takes it
+    assert load_image(tmp_path / "ok.png").size == (400, 2)
+    png(tmp_path / "strip.png", size=(402, 2))
+    with pytest.raises(ImageError, match=r"strip.png: 402x2 pixels, an aspect ratio over 200:1"):
+        load_image(tmp_path / "strip.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": "ok.png", "label": "x"}, {"image": "strip.png", "label": "x"}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: .*strip.png.*200:1"):
+        read_records(path, check_images=True)
+    assert len(read_records(path, check_images=True, skip_bad=True)) == 1
+    assert "skipped 1 bad record" in capsys.readouterr().err

@@ -243,9 +243,9 @@ def test_stop_and_resume_equals_uninterrupted(small_world, tmp_path, monkeypatch
     straight = run(small_world, model, tmp_path / "straight", *flags)
     real, calls = vlm.clip_gradients, {"n": 0}
 
-    def crash(*a, **k):  # preempted during the update of step 3 (2 updates per step)
+    def crash(*a, **k):  # preempted during the update of step 4 (2 updates per step): step 3 is logged, not saved
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 8:
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -254,7 +254,7 @@ def test_stop_and_resume_equals_uninterrupted(small_world, tmp_path, monkeypatch
         run(small_world, model, tmp_path / "resumed", *flags)
     monkeypatch.setattr(vlm, "clip_gradients", real)
     resumed = run(small_world, model, tmp_path / "resumed", *flags, "--resume")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3 ran twice (from step 2's checkpoint), logged once
     for a, b in zip(straight, resumed):
         for k in ("reward_mean", "kl", "loss", "completion_length"):
             assert a[k] == b[k], (k, a, b)
@@ -291,3 +291,24 @@ def test_tapo_positive_is_another_image_of_the_class():
         assert neg.startswith("/x/b")  # the most-confused class
     pos, neg = grpo.tapo_images(records[-1], items, {}, random.Random(0))
     assert pos == "/x/only.png" and not neg.startswith("/x/c")  # a one-image class: the anchor itself
+
+
+def test_an_unusable_image_is_named_up_front_or_replaced_and_counted(small_world, tmp_path, monkeypatch):
+    """An image Qwen2.5-VL cannot take (here: 402x2 pixels, over 200:1) stops the run before it starts with
+    file:line; with --skip_bad it is dropped; and one that turns bad after the check is replaced by another
+    item and counted, never a crash mid-run."""
+    from PIL import Image
+    from data.records import RecordError, read_records, write_records
+    root, model = small_world
+    records = read_records(str(root / "mcq.jsonl"))
+    Image.new("RGB", (402, 2)).save(tmp_path / "strip.png")
+    records[1]["image"] = str(tmp_path / "strip.png")
+    write_records(str(tmp_path / "mcq.jsonl"), records)
+    data = ["--data", str(tmp_path / "mcq.jsonl"), "--max_steps", "1"]
+    with pytest.raises(RecordError, match=r"mcq.jsonl:2: .*strip.png.*200:1"):
+        run(small_world, model, tmp_path / "stop", *data)
+    assert run(small_world, model, tmp_path / "skip", *data, "--skip_bad")[-1]["bad_images"] == 0
+    real = grpo.read_records
+    monkeypatch.setattr(grpo, "read_records", lambda path, **kw: real(path, **dict(kw, check_images=False)))
+    log = run(small_world, model, tmp_path / "mid", *data, "--prompts_per_step", str(len(records)))  # every item
+    assert log[-1]["bad_images"] >= 1 and log[-1]["completion_length"] > 0

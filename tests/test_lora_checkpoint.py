@@ -110,3 +110,98 @@ def test_train_state_round_trip_without_pickle(tiny_dir, tmp_path):
     assert meta["step"] == 7 and meta["extra"] == {"data_pos": 3}
     assert torch.equal(torch.rand(3), expected_rand)
     assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in os.listdir(tmp_path))
+
+
+def test_saved_config_carries_what_transformers_4_reads(tiny_dir, tiny, tmp_path):
+    """transformers 4.5x builds the text config from text_config alone: rope_scaling (with mrope_section),
+    rope_theta and tie_word_embeddings must be there, equal to what 5.x uses; the tokenizer class must be
+    one 4.5x has; the image bounds also as the top-level keys 4.5x reads."""
+    import json
+    model, proc = fresh_model(tiny_dir), tiny[1]
+    checkpoint.save_checkpoint(model, proc, str(tmp_path / "ckpt"))
+    config = json.load(open(tmp_path / "ckpt" / "config.json"))
+    text, rope = config["text_config"], config["text_config"]["rope_parameters"]
+    assert text["rope_scaling"] == {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    assert text["rope_theta"] == rope["rope_theta"] and text["tie_word_embeddings"] is config["tie_word_embeddings"]
+    tokenizer = json.load(open(tmp_path / "ckpt" / "tokenizer_config.json"))
+    assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in tokenizer or isinstance(tokenizer["extra_special_tokens"], dict)
+    pre = json.load(open(tmp_path / "ckpt" / "preprocessor_config.json"))
+    assert (pre["min_pixels"], pre["max_pixels"]) == (pre["size"]["shortest_edge"], pre["size"]["longest_edge"])
+    # and 5.x reads it all back the same
+    from transformers import Qwen2_5_VLConfig
+    again = Qwen2_5_VLConfig.from_pretrained(str(tmp_path / "ckpt"))
+    assert again.text_config.rope_parameters["rope_theta"] == rope["rope_theta"]
+    assert again.tie_word_embeddings == config["tie_word_embeddings"]
+    assert vlm.Processor.from_pretrained(str(tmp_path / "ckpt")).pixel_bounds == proc.pixel_bounds
+
+
+TRANSFORMERS4 = os.environ.get("FGRL_TRANSFORMERS4_PYTHON")
+FORWARD_IN_TRANSFORMERS4 = r"""
+import json, sys, torch, transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+folder, inputs, out = sys.argv[1:4]
+model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
+                                                                 attn_implementation="sdpa")
+t = load_file(inputs)
+with torch.no_grad():
+    logits = model.eval()(input_ids=t["input_ids"], attention_mask=t["attention_mask"], position_ids=t["position_ids"],
+                          pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"]).logits
+save_file({"logits": logits.contiguous()}, out)
+tok = AutoTokenizer.from_pretrained(folder)
+ip = Qwen2VLImageProcessor.from_pretrained(folder)
+print(json.dumps({"version": transformers.__version__, "missing": info["missing_keys"],
+                  "ids": tok("<|im_start|>user\nHi<|im_end|>")["input_ids"], "pixels": [ip.min_pixels, ip.max_pixels]}))
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS4, reason="needs FGRL_TRANSFORMERS4_PYTHON: a python with transformers 4.57 "
+                                              "(bash runs/check_transformers4.sh builds one and runs this; CI does)")
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_checkpoint_loads_with_identical_logits_in_transformers_4(tmp_path, images, tie):
+    """A checkpoint saved here (LoRA merged in), loaded by transformers 4.57 in its own virtual environment,
+    gives the logits transformers 5.x gives; tokenizer and image bounds read the same."""
+    import json
+    import subprocess
+    from safetensors.torch import load_file, save_file
+    from tiny import build_tiny_model
+    build_tiny_model(str(tmp_path / "start"), seed=1, init_std=0.1, tie=tie)
+    model, proc = vlm.load_model(str(tmp_path / "start")), vlm.Processor.from_pretrained(str(tmp_path / "start"))
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in lora.lora_modules(model):
+            m.lora_B.normal_(std=0.05)
+    checkpoint.save_checkpoint(model, proc, str(tmp_path / "ckpt"))
+    batch = proc.encode(images, QUESTIONS)
+    inputs = {k: getattr(batch, k).contiguous() for k in ("input_ids", "attention_mask", "position_ids",
+                                                          "pixel_values", "image_grid_thw")}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    saved = vlm.load_model(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        ours = saved(**inputs, mm_token_type_ids=batch.mm_token_type_ids).logits
+    (tmp_path / "forward4.py").write_text(FORWARD_IN_TRANSFORMERS4)
+    done = subprocess.run([TRANSFORMERS4, str(tmp_path / "forward4.py"), str(tmp_path / "ckpt"),
+                           str(tmp_path / "inputs.safetensors"), str(tmp_path / "logits4.safetensors")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["version"].startswith("4.") and report["missing"] == []
+    assert report["ids"] == proc.tokenizer("<|im_start|>user\nHi<|im_end|>")["input_ids"]
+    assert report["pixels"] == list(proc.pixel_bounds)
+    theirs = load_file(str(tmp_path / "logits4.safetensors"))["logits"]
+    assert ours.abs().max() > 1.0  # logits of a real size: the comparison is not vacuous
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_what_a_crash_mid_save_leaves_is_put_right(tmp_path):
+    out = tmp_path / "run"
+    for name in ("step_000002", "step_000004.partial-123", "final.old-77", "step_000002.old-5"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_text(name)
+    done = checkpoint.clean_partial(str(out))
+    assert sorted(os.listdir(out)) == ["final", "step_000002"]
+    assert (out / "final" / "model.safetensors").read_text() == "final.old-77"  # the complete previous final
+    assert (out / "step_000002" / "model.safetensors").read_text() == "step_000002"
+    assert len(done) == 3 and any("half-written" in line for line in done)
+    assert checkpoint.clean_partial(str(out)) == [] and checkpoint.clean_partial(str(tmp_path / "none")) == []

@@ -113,9 +113,37 @@ def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lo
     for k in a:
         assert torch.equal(a[k], b[k]), k
     import json
-    log_a = [json.loads(x)["loss"] for x in open(os.path.join(straight, "log.jsonl"))]
-    log_b = [json.loads(x)["loss"] for x in open(os.path.join(resumed, "log.jsonl"))]
-    assert log_b[:3] + log_b[-3:] == log_a  # steps 1-3, then 3-6 again after the resume from step 2
+    log_a = [json.loads(x) for x in open(os.path.join(straight, "log.jsonl"))]
+    log_b = [json.loads(x) for x in open(os.path.join(resumed, "log.jsonl"))]
+    # step 3 was logged before the crash, then run again from step 2's checkpoint: logged once
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+
+
+def test_resume_with_other_settings_is_refused_naming_them(squares, tmp_path):
+    """The saved optimizer and schedule would silently override a new --lr; a new --lora_r would not fit
+    the saved adapter (an unrelated error deep in loading). Both are refused up front, each named."""
+    _, data, model_dir = squares
+    out = str(tmp_path / "o")
+    run = lambda *extra: sft.main(["--model", model_dir, "--data", data, "--out", out] + COMMON + list(extra))
+    run("--lora_r", "4", "--save_every", "2", "--max_steps", "2")
+    with pytest.raises(SystemExit, match=r"--lr 0.001 then, 0.003 now"):
+        run("--lora_r", "4", "--max_steps", "2", "--resume", "--lr", "3e-3")
+    with pytest.raises(SystemExit, match=r"--lora_r 4 then, 8 now"):
+        run("--lora_r", "8", "--max_steps", "2", "--resume")
+    run("--lora_r", "4", "--max_steps", "2", "--resume", "--save_every", "1", "--micro_batch_size", "4")  # fine
+
+
+def test_labels_are_checked_against_the_class_table(squares, tmp_path):
+    import json
+    from data.records import RecordError, write_classes
+    _, data, model_dir = squares
+    labels = [r["label"] for r in read_records(data)]
+    write_classes(str(tmp_path / "classes.json"), {"dataset": "toy", "domain": "shape", "classes": [
+        {"id": i, "name": name, "aliases": [], "parents": []} for i, name in enumerate(labels[:-1])]})
+    with pytest.raises(RecordError, match=rf"train.jsonl:8: unknown label {json.dumps(labels[-1])}".replace('"', "'")):
+        sft.main(["--model", model_dir, "--data", data, "--out", str(tmp_path / "o"), "--classes",
+                  str(tmp_path / "classes.json"), "--max_steps", "1", "--device", "cpu"])
 
 
 def test_per_class_keeps_the_first_records_of_each_label(squares, tmp_path, capsys):
