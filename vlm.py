@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import lora
-from common import (barrier, fraction, nonnegative_float, nonnegative_int, positive_float, print0,
+from common import (Dist, barrier, fraction, nonnegative_float, nonnegative_int, positive_float, print0,
                     resolve_dtype)
 from data.records import load_image
 from engine import sample_completions
@@ -524,7 +524,7 @@ def setup_training(args, d, total_updates, reference=False):
     ref = None
     if reference and not args.lora_r:  # sharded like the policy under FSDP2, a plain copy otherwise
         ref_model = load_model(args.model, where, dtype).requires_grad_(False)
-        _, ref = wrap_policy(ref_model.to(d.device), d if args.fsdp else type(d)(device=d.device),
+        _, ref = wrap_policy(ref_model.to(d.device), d if args.fsdp else Dist(device=d.device),  # no DDP: no grads
                              fsdp=args.fsdp, bf16=bf16)
         ref.eval()
     params = [p for p in policy.parameters() if p.requires_grad]
