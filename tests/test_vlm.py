@@ -144,17 +144,49 @@ def test_a_checkpoint_is_evaluated_at_the_image_size_it_was_trained_at(squares, 
 
 
 def hub_form_folder(tiny_dir, folder):
-    """A copy of the tiny model whose preprocessor_config.json is in the Hub's Qwen2.5-VL form: top-level
-    min_pixels / max_pixels keys (3136 and 12845056) and no `size`."""
+    """A copy of the tiny model in the form of the Hub's Qwen2.5-VL files: a flat config.json (no
+    text_config; rope_scaling {"type": "mrope", ...} and rope_theta at the top, as transformers 4.41 wrote
+    Qwen/Qwen2.5-VL-7B-Instruct's) and a preprocessor_config.json with top-level min_pixels / max_pixels
+    (3136 and 12845056) and no `size`."""
     import json
     import shutil
     shutil.copytree(tiny_dir, folder)
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("rope_scaling", "model_type", "layer_types", "dtype"):
+        text.pop(key, None)
+    config.update(text, rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+                  rope_theta=rope["rope_theta"], torch_dtype="float32", transformers_version="4.41.2")
+    config["vision_config"].pop("rope_parameters", None)
+    json.dump(config, open(path, "w"), indent=2)
     path = os.path.join(folder, "preprocessor_config.json")
     config = json.load(open(path))
     config.pop("size")
-    config.update(min_pixels=3136, max_pixels=12845056, image_processor_type="Qwen2VLImageProcessor")
+    config.update(min_pixels=3136, max_pixels=12845056, image_processor_type="Qwen2VLImageProcessor",
+                  processor_class="Qwen2_5_VLProcessor")
     json.dump(config, open(path, "w"), indent=2)
     return folder
+
+
+def test_a_checkpoint_in_the_hubs_form_loads_the_same_model(tiny_dir, tiny, images, tmp_path):
+    """The real checkpoints' files are in an older, flat form: loaded through the same path, the same model
+    (rotary sections and theta, tied head) and the same prompts."""
+    import json
+    folder = hub_form_folder(tiny_dir, str(tmp_path / "hub"))
+    assert "text_config" not in json.load(open(os.path.join(folder, "config.json")))
+    model, proc = tiny
+    hub = vlm.load_model(folder)
+    hub_proc = vlm.Processor.from_pretrained(folder, max_pixels=112 * 112)
+    assert hub.config.text_config.rope_parameters["mrope_section"] == \
+        model.config.text_config.rope_parameters["mrope_section"]
+    batch = proc.encode(images, QUESTIONS)
+    assert torch.equal(hub_proc.encode(images, QUESTIONS).input_ids, batch.input_ids)
+    ids, mask = proc.encode_completions(["<answer>red square</answer>", "b", "c d e"])
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.sequence_logprobs(hub, batch, ids, mask),
+                                   vlm.sequence_logprobs(model, batch, ids, mask), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("h,w", [(333, 500), (1000, 750), (448, 448), (56, 56)])
@@ -173,3 +205,36 @@ def test_max_pixels_is_honoured_on_a_checkpoint_in_the_hubs_form(tiny_dir, tmp_p
         if h * w > max_pixels:
             assert n * 28 * 28 >= max_pixels / 3  # capped, not collapsed
     assert visual_tokens(vlm.Processor.from_pretrained(folder, max_pixels=3136), h, w) <= 4
+
+
+# Qwen2.5-VL's chat template as the Hub's checkpoints ship it (chat_template.json / tokenizer_config.json):
+# a real checkpoint's tokenizer carries it, and vlm.Processor then uses it instead of QWEN_CHAT_TEMPLATE
+HUB_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("system_prompt", [None, "You judge answers."])
+@pytest.mark.parametrize("with_image", [True, False])
+def test_prompts_are_what_the_hubs_own_template_gives(tiny, system_prompt, with_image):
+    """The template used when a checkpoint has none renders every prompt this codebase sends exactly as
+    the template the real checkpoints carry: the tiny model is asked as Qwen2.5-VL is."""
+    _, proc = tiny
+    ours = vlm.Processor(proc.tokenizer, proc.image_processor, system_prompt=system_prompt)
+    ours.chat_template = vlm.QWEN_CHAT_TEMPLATE
+    hub = vlm.Processor(proc.tokenizer, proc.image_processor, system_prompt=system_prompt)
+    hub.chat_template = HUB_CHAT_TEMPLATE
+    for question in QUESTIONS + ["Options:\nA. x\nB. y\nAnswer with the option's letter."]:
+        text = ours.prompt_text(question, with_image)
+        assert text == hub.prompt_text(question, with_image)
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and ("<|image_pad|>" in text) == with_image
