@@ -29,6 +29,7 @@ left out of every rate.
         --classes data/toy/classes.json --mode open mcq --out out/eval/grpo
     torchrun --standalone --nproc_per_node=8 evaluate.py --model out/grpo ...   (same flags)
     python evaluate.py --compare out/eval/sft out/eval/grpo          # one table from prediction files
+    python evaluate.py --summary out/eval/sft out/eval/grpo --names SFT GRPO  # a row per folder
     python evaluate.py --plot out/grpo/log.jsonl --plot_out curves.png  # needs matplotlib (optional)
 
 Outputs in --out, per mode: predictions_<mode>.jsonl, one row per record in --data order: key (index in
@@ -316,64 +317,138 @@ def compare(paths, table=None):
 
 SUMMARY_COLUMNS = [  # (mode, metric, header): the headline numbers of each mode
     ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"), ("open", "acc", "open acc"),
-    ("mcq", "acc", "MCQ"), ("two_step", "acc", "two-step"),
+    ("two_step", "acc", "two-step"), ("mcq", "acc", "MCQ"),
     ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
     ("open_world", "spec_hm", "spec HM"),
 ]
 
 
-def summary(folders, names=None):
-    """One row per evaluation folder (e.g. a model after each stage) with the headline metric of every
-    mode found in its metrics_<mode>.json (the mean over datasets); '-' where a mode was not run."""
-    rows = []
-    for folder in folders:
-        found = {}
-        for path in glob.glob(os.path.join(folder, "metrics_*.json")):
-            with open(path) as f:
-                m = json.load(f)
-            found[m["mode"]] = m["mean"] if len(m["per_dataset"]) > 1 else next(iter(m["per_dataset"].values()))
-        rows.append(found)
-    cols = [c for c in SUMMARY_COLUMNS if any(r.get(c[0], {}).get(c[1]) is not None for r in rows)]
-    names = names or folders
-    header = ["model"] + [h for *_, h in cols]
-    body = [[str(name)] + ["-" if r.get(mode, {}).get(k) is None else f"{100 * r[mode][k]:.1f}" for mode, k, _ in cols]
-            for name, r in zip(names, rows)]
+def headline(folder, columns=SUMMARY_COLUMNS):
+    """{header: value} of an evaluation folder: each column's metric from its metrics_<mode>.json (the mean
+    over datasets), None where the mode was not run."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "metrics_*.json")):
+        with open(path) as f:
+            m = json.load(f)
+        found[m["mode"]] = m["mean"] if len(m["per_dataset"]) > 1 else next(iter(m["per_dataset"].values()))
+    return {header: found.get(mode, {}).get(key) for mode, key, header in columns}
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with ddof 1, n) of the values that are not None; std is None for
+    fewer than two values, mean too for none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    m = sum(v) / len(v)
+    return m, ((sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else None), len(v)
+
+
+def text_table(header, body):
+    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned."""
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
+def summary(folders, names=None, columns=SUMMARY_COLUMNS):
+    """One row per evaluation folder (e.g. a model after each stage) with the headline metric of every
+    mode found in its metrics_<mode>.json; '-' where a mode was not run. Folders given the same name are
+    one run on several seeds: their row shows mean ± std (ddof 1) over them, in %."""
+    names = [str(n) for n in (names or folders)]
+    if len(names) != len(folders):
+        raise SystemExit(f"--names: {len(names)} names for {len(folders)} folders")
+    groups = {}
+    for name, folder in zip(names, folders):
+        groups.setdefault(name, []).append(headline(folder, columns))
+    cols = [h for *_, h in columns if any(r[h] is not None for rows in groups.values() for r in rows)]
+
+    def cell(values):
+        m, sd, n = mean_std([None if v is None else 100 * v for v in values])
+        return "-" if m is None else f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"
+    body = [[name] + [cell([r[h] for r in rows]) for h in cols] for name, rows in groups.items()]
+    return text_table(["model"] + cols, body)
+
+
 PLOT_KEYS = ("reward_mean", "reward", "loss", "accuracy", "kl", "entropy", "completion_length")
 
 
-def plot_curves(logs, out, keys=None):
-    """Training curves (y = keys, x = step) from JSONL logs as a PNG. Returns the path, or None without
-    matplotlib (an optional extra: never required)."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot written")
         return None
-    series = {log: read_jsonl(log) for log in logs}
-    present = lambda k: any(isinstance(r.get(k), (int, float)) for rows in series.values() for r in rows)
-    numeric = [k for rows in series.values() for r in rows for k, v in r.items()
+
+
+def plot_curves(logs, out, keys=None, labels=None):
+    """Training curves (y = keys, x = step) from JSONL logs as a PNG, a line per label: logs given the
+    same label (one run on several seeds) are averaged step by step, their min..max shaded. Labels
+    default to each log's folder name. Returns the path, or None without matplotlib (an optional extra:
+    never required)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(log))) or log for log in logs]
+    series = {}
+    for log, label in zip(logs, labels):
+        series.setdefault(label, []).append(read_jsonl(log))
+    rows_of = [r for runs in series.values() for rows in runs for r in rows]
+    present = lambda k: any(isinstance(r.get(k), (int, float)) for r in rows_of)
+    numeric = [k for r in rows_of for k, v in r.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")]
-    keys = keys or [k for k in PLOT_KEYS if present(k)] or list(dict.fromkeys(numeric))[:6]
+    keys = [k for k in keys if present(k)] if keys else [k for k in PLOT_KEYS if present(k)] or list(dict.fromkeys(numeric))[:6]
     if not keys:
         print(f"no numeric keys to plot in {logs}")
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        for log, rows in series.items():
-            points = [(r.get("step", j), r[key]) for j, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), label=os.path.basename(os.path.dirname(os.path.abspath(log))) or log)
+        for label, runs in series.items():
+            by_step = defaultdict(list)
+            for rows in runs:
+                for j, r in enumerate(rows):
+                    if isinstance(r.get(key), (int, float)):
+                        by_step[r.get("step", j)].append(r[key])
+            if by_step:
+                steps = sorted(by_step)
+                line, = ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=label, lw=1.2)
+                if len(runs) > 1:
+                    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                    color=line.get_color(), alpha=0.15, lw=0)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+def plot_bars(values, out, keys=("base", "novel", "HM"), title=None):
+    """Grouped bars, a group per run: values = {run: {key: [value per seed, in %]}}; bar = the mean, error
+    bar = the standard deviation over seeds (none for one seed). Returns the path, or None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    runs = list(values)
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(runs)), 3.6))
+    for j, key in enumerate(keys):
+        stats = [mean_std(values[run].get(key, [])) for run in runs]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(runs))]
+        ax.bar(xs, [m or 0 for m, _, _ in stats], width, yerr=[sd or 0 for _, sd, _ in stats], capsize=2, label=key)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(runs, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -405,7 +480,9 @@ def parse_args(argv=None):
     add_runtime_args(ap)  # --seed: two_step's candidate sampling and option shuffle
     a("--compare", nargs="+", metavar="PRED_OR_DIR", help="print one table from prediction files")
     a("--summary", nargs="+", metavar="DIR", help="one row per evaluation folder (metrics_*.json)")
-    a("--names", nargs="+", default=None, help="row names for --summary")
+    a("--names", nargs="+", default=None,
+      help="row names for --summary (folders with the same name: seeds of one run, shown as mean ± std), "
+           "line labels for --plot (logs with the same label: averaged)")
     a("--plot", nargs="+", metavar="LOG", help="plot training curves from JSONL logs")
     a("--plot_out", default="curves.png", help="PNG written by --plot")
     a("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
@@ -424,7 +501,7 @@ def main(argv=None):
         print(summary(args.summary, args.names))
         return
     if args.plot:
-        plot_curves(args.plot, args.plot_out, args.plot_keys)
+        plot_curves(args.plot, args.plot_out, args.plot_keys, args.names)
         return
     d = init_distributed(args.device)
     table = load_classes(args.classes)

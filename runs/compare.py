@@ -1,0 +1,139 @@
+"""runs/compare.py — the toy comparison's table, each paper's claim beside what the toy worlds show, and plots.
+
+    python runs/compare.py out/toy/seed_0                      # one world: the table, the differences
+    python runs/compare.py out/toy/seed_0 out/toy/seed_1 ...   # several: mean ± std per cell, verdicts
+
+Each folder is one world (one seed) as runs/toy.sh leaves it: eval/<run>/metrics_*.json (evaluate.py) and
+<run>/log.jsonl (grpo.py) for the runs in RUNS. It prints one row per run, then for each paper its
+headline claim, the paper's number, the same difference here and a verdict; and writes, beside the
+folders (or in --out), curves.png (each GRPO run's reward, accuracy, KL, entropy and completion length
+per step, averaged over seeds) and accuracy.png (base / novel / HM per run, ± std over seeds).
+
+The verdict rule (`verdict`), fixed before any table was seen: d = the per-seed difference between the
+two runs the claim compares (both trained from the same start model on the same world, so the pair shares
+the world's and the start model's luck), m = its mean and s = its standard deviation over seeds (ddof 1).
+    |m| <= s                          within noise
+    m > s, in the claim's direction   reproduced
+    m > s, against it                 opposite
+One seed has no s, so no verdict: the difference is printed alone. SpeciaRL's claim has two parts
+(specificity rises, correctness does not fall): reproduced when the first is reproduced and the second
+not contradicted; opposite when either is contradicted (specificity falls, or correctness falls, beyond
+noise); within noise otherwise.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evaluate import headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
+
+RUNS = [  # (folder, row name), in the table's order; runs/toy.sh trains and evaluates each
+    ("start", "start"),
+    ("format", "format only"),
+    ("exact", "Visual-RFT"),
+    ("divek", "DiVE-k"),
+    ("speciarl", "SpeciaRL"),
+    ("cot", "CoT SFT"),
+    ("tapo", "Fine-R1"),
+    ("dapo", "CoT SFT+DAPO"),
+]
+COLUMNS = [  # (evaluate.py mode, metric, header)
+    ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"),
+    ("two_step", "acc", "two-step"), ("mcq", "acc", "MCQ"),
+    ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
+    ("open_world", "spec_hm", "spec HM"),
+]
+CURVES = ("reward_mean", "accuracy", "kl", "entropy", "completion_length")
+
+
+def verdict(diffs, direction=+1):
+    """'reproduced' / 'opposite' / 'within noise' for per-seed differences whose claimed sign is
+    `direction` (the rule in the module docstring); None for fewer than two seeds."""
+    m, sd, n = mean_std(diffs)
+    if n < 2:
+        return None
+    if abs(m) <= sd:
+        return "within noise"
+    return "reproduced" if m * direction > 0 else "opposite"
+
+
+def speciarl_verdict(d_specific, d_correct):
+    """SpeciaRL's two-part claim: specificity rises (d_specific > 0) without correctness falling."""
+    spec, corr = verdict(d_specific, +1), verdict(d_correct, +1)
+    if spec is None:
+        return None
+    if spec == "opposite" or corr == "opposite":
+        return "opposite"
+    return "reproduced" if spec == "reproduced" else "within noise"
+
+
+def differences(values, a, b, key):
+    """Per-seed values[a][key] - values[b][key], for the seeds that have both."""
+    return [x - y for x, y in zip(values[a][key], values[b][key]) if x is not None and y is not None]
+
+
+def claims(values):
+    """[(claim, the paper's number, per-seed differences, verdict)] for the runs present in `values`
+    ({run: {header: [value per seed, in %]}})."""
+    out = []
+    if "divek" in values and "exact" in values:
+        d = differences(values, "divek", "exact", "HM")
+        out.append(("DiVE-k - Visual-RFT, HM", "+6.16 (mean of 5 datasets)", d, verdict(d)))
+    if "speciarl" in values and "start" in values:
+        ds, dc = differences(values, "speciarl", "start", "specific"), differences(values, "speciarl", "start", "correct")
+        v = speciarl_verdict(ds, dc)
+        out.append(("SpeciaRL - start, specific", "+17.8 (CUB -> 5 domains)", ds, v))
+        out.append(("SpeciaRL - start, correct", "+0.2 (not lower)", dc, v))
+    if "tapo" in values and "dapo" in values:
+        d = differences(values, "tapo", "dapo", "HM")
+        out.append(("Fine-R1: TAPO - DAPO, HM", "> 0 (the paper's ablation)", d, verdict(d)))
+    return out
+
+
+def format_claims(rows, n_seeds):
+    body = []
+    for claim, paper, d, v in rows:
+        m, sd, n = mean_std(d)
+        here = "-" if m is None else f"{m:+.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
+        body.append([claim, paper, here, v or ("one seed: no verdict" if n == 1 else "-")])
+    return text_table(["claim", "paper", f"here ({n_seeds} seed{'s' if n_seeds > 1 else ''})", "verdict"], body)
+
+
+def collect(folders):
+    """{run: {header: [value per folder, in % or None]}} for the runs evaluated in any folder."""
+    values = {}
+    for run, _ in RUNS:
+        rows = [headline(os.path.join(f, "eval", run), COLUMNS) for f in folders]
+        if any(v is not None for r in rows for v in r.values()):
+            values[run] = {h: [None if r[h] is None else 100 * r[h] for r in rows] for *_, h in COLUMNS}
+    return values
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", help="one runs/toy.sh output folder per seed (OUT/seed_N)")
+    ap.add_argument("--out", default=None, help="folder for the PNGs (default: the folders' parent)")
+    ap.add_argument("--no_plots", action="store_true")
+    args = ap.parse_args(argv)
+    values = collect(args.folders)
+    names = dict(RUNS)
+    evals = [os.path.join(f, "eval", run) for run in values for f in args.folders]
+    labels = [names[run] for run in values for _ in args.folders]
+    print(summary(evals, labels, COLUMNS))
+    print()
+    print(format_claims(claims(values), len(args.folders)))
+    if args.no_plots:
+        return
+    out = args.out or os.path.dirname(os.path.abspath(args.folders[0]))
+    logs = [(os.path.join(f, run, "log.jsonl"), names[run]) for run in values for f in args.folders
+            if os.path.exists(os.path.join(f, run, "log.jsonl"))]
+    seeds = f"{len(args.folders)} seed{'s' if len(args.folders) > 1 else ''}"
+    if logs:
+        plot_curves([p for p, _ in logs], os.path.join(out, "curves.png"), CURVES, [n for _, n in logs])
+    plot_bars({names[run]: values[run] for run in values}, os.path.join(out, "accuracy.png"),
+              title=f"base / novel / HM with the split's class list ({seeds}; bars: mean, whiskers: std)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""runs/compare.py and the table / plot functions of evaluate.py it uses, on fake evaluation folders and logs."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "runs"))
+import compare  # noqa: E402
+import evaluate  # noqa: E402
+
+
+def write_eval(folder, open_=None, mcq=None, two_step=None, open_world=None):
+    """A fake evaluate.py output folder: metrics_<mode>.json with the given fractions."""
+    os.makedirs(folder, exist_ok=True)
+    for mode, m in (("open", open_), ("mcq", mcq), ("two_step", two_step), ("open_world", open_world)):
+        if m is not None:
+            m = {"acc": m} if not isinstance(m, dict) else m
+            with open(os.path.join(folder, f"metrics_{mode}.json"), "w") as f:
+                json.dump({"mode": mode, "per_dataset": {"toy": m}, "mean": dict(m, datasets=1)}, f)
+
+
+def fake_world(root, seed, hm_shift=0.0):
+    """A seed folder with start / exact / divek / speciarl / tapo / dapo evaluated (no 'format', no 'cot')."""
+    folder = os.path.join(root, f"seed_{seed}")
+    for run, base, novel in (("start", 0.3, 0.4), ("exact", 0.5, 0.3), ("divek", 0.5 + hm_shift, 0.3 + hm_shift),
+                             ("speciarl", 0.45, 0.3), ("tapo", 0.6, 0.4), ("dapo", 0.6, 0.4 - hm_shift)):
+        hm = 2 * base * novel / (base + novel)
+        ow = {"correctness": 0.4 + (0.1 if run == "speciarl" else 0), "specificity": 0.8 - (0.1 if run == "speciarl" else 0)}
+        ow["spec_hm"] = 2 * ow["correctness"] * ow["specificity"] / (ow["correctness"] + ow["specificity"])
+        write_eval(os.path.join(folder, "eval", run), open_={"base_acc": base, "novel_acc": novel, "hm": hm, "acc": 0.1},
+                   mcq=0.25 + seed / 100, two_step=0.4, open_world=ow)
+        if run != "start":
+            os.makedirs(os.path.join(folder, run), exist_ok=True)
+            with open(os.path.join(folder, run, "log.jsonl"), "w") as f:
+                for step in range(1, 6):
+                    f.write(json.dumps({"step": step, "reward_mean": step / 5 + seed, "accuracy": 0.1 * step,
+                                        "kl": 0.01 * step, "entropy": 1 - step / 10, "completion_length": 20}) + "\n")
+    return folder
+
+
+def test_summary_rows_with_one_name_are_seeds_mean_and_std(tmp_path):
+    for name, acc in (("a", 0.5), ("b", 0.7), ("c", 0.25)):
+        write_eval(str(tmp_path / name), mcq=acc)
+    write_eval(str(tmp_path / "d"), open_={"base_acc": 0.5, "novel_acc": 0.25, "hm": 1 / 3, "acc": 0.4})
+    table = evaluate.summary([str(tmp_path / n) for n in "abcd"], ["X", "X", "Y", "Z"]).splitlines()
+    assert table[0].split() == ["model", "base", "novel", "HM", "open", "acc", "MCQ"]
+    assert table[2].split() == ["X", "-", "-", "-", "-", "60.0", "±", "14.1"]  # mean 60, std (ddof 1) 14.1
+    assert table[3].split() == ["Y", "-", "-", "-", "-", "25.0"]  # one seed: no ±
+    assert table[4].split() == ["Z", "50.0", "25.0", "33.3", "40.0", "-"]
+    with pytest.raises(SystemExit, match="names"):
+        evaluate.summary([str(tmp_path / "a")], ["X", "Y"])
+
+
+def test_mean_std():
+    assert evaluate.mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+    assert evaluate.mean_std([4.0]) == (4.0, None, 1)
+    assert evaluate.mean_std([None]) == (None, None, 0)
+
+
+def test_verdict_arithmetic():
+    assert compare.verdict([2.0, 3.0, 4.0]) == "reproduced"          # m 3 > s 1
+    assert compare.verdict([-2.0, -3.0, -4.0]) == "opposite"
+    assert compare.verdict([-2.0, -3.0, -4.0], direction=-1) == "reproduced"
+    assert compare.verdict([1.0, -1.0, 3.0]) == "within noise"       # m 1 <= s 2
+    assert compare.verdict([1.0, 1.0]) == "reproduced"               # s 0: any non-zero mean is beyond noise
+    assert compare.verdict([0.0, 0.0]) == "within noise"
+    assert compare.verdict([5.0]) is None                            # one seed: no noise estimate
+    # SpeciaRL: specificity up and correctness not down
+    up, down, flat = [2.0, 3.0, 4.0], [-2.0, -3.0, -4.0], [1.0, -1.0, 0.5]
+    assert compare.speciarl_verdict(up, flat) == "reproduced"
+    assert compare.speciarl_verdict(up, up) == "reproduced"
+    assert compare.speciarl_verdict(up, down) == "opposite"           # specificity bought with correctness
+    assert compare.speciarl_verdict(down, up) == "opposite"
+    assert compare.speciarl_verdict(flat, up) == "within noise"
+    assert compare.speciarl_verdict([3.0], [1.0]) is None
+
+
+def test_compare_table_claims_and_plots(tmp_path, capsys):
+    folders = [fake_world(str(tmp_path), s, hm_shift=0.05 + 0.01 * s) for s in range(3)]
+    compare.main(folders + ["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "MCQ", "correct", "specific", "spec", "HM"]
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:8]}
+    assert list(rows) == ["start", "Visual-RFT", "DiVE-k", "SpeciaRL", "Fine-R1", "CoT SFT+DAPO"]  # table order
+    assert "26.0 ± 1.0" in rows["start"]  # MCQ 25, 26, 27 over the seeds
+    claims = {c: (d, v) for c, _, d, v in compare.claims(compare.collect(folders))}
+    hm = lambda b, n: 200 * b * n / (b + n)
+    expected = [hm(0.5 + x, 0.3 + x) - hm(0.5, 0.3) for x in (0.05, 0.06, 0.07)]
+    assert claims["DiVE-k - Visual-RFT, HM"][0] == pytest.approx(expected)
+    assert claims["DiVE-k - Visual-RFT, HM"][1] == "reproduced"
+    # SpeciaRL: correctness +10, specificity -10 on every seed: the claim's opposite
+    assert claims["SpeciaRL - start, specific"] == (pytest.approx([-10.0] * 3), "opposite")
+    assert claims["Fine-R1: TAPO - DAPO, HM"][1] == "reproduced"
+    assert "opposite" in out and "reproduced" in out
+    for png in ("curves.png", "accuracy.png"):
+        assert os.path.getsize(tmp_path / png) > 10_000
+
+
+def test_one_seed_prints_differences_without_verdicts(tmp_path, capsys):
+    folder = fake_world(str(tmp_path), 0, hm_shift=0.05)
+    compare.main([folder, "--no_plots"])
+    out = capsys.readouterr().out
+    assert "one seed: no verdict" in out and "±" not in out
+
+
+def test_plot_writers_on_a_fake_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    logs = []
+    for seed in range(2):
+        log = tmp_path / f"log{seed}.jsonl"
+        log.write_text("".join(json.dumps({"step": s, "reward_mean": s + seed, "kl": 0.1}) + "\n" for s in range(1, 4))
+                       + '{"step": 4, "rew')  # a crash-cut last line is ignored
+        logs.append(str(log))
+    png = evaluate.plot_curves(logs, str(tmp_path / "c.png"), ["reward_mean", "kl", "absent"], ["run", "run"])
+    assert png and os.path.getsize(png) > 5_000
+    png = evaluate.plot_bars({"a": {"base": [50.0, 60.0], "novel": [30.0], "HM": []}, "b": {"base": [10.0]}},
+                             str(tmp_path / "b.png"))
+    assert png and os.path.getsize(png) > 5_000
