@@ -35,7 +35,7 @@ import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
                     epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
-                    positive_float, positive_int, print0, progress, rng_of, seed_process)
+                    positive_int, print0, progress, rng_of, seed_process)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 from engine import sample_completions
@@ -79,9 +79,7 @@ def parse_args(argv=None):
     a("--micro_batch_size", type=positive_int, default=8,
       help="completions per training forward on one rank")
     a("--top_k", type=nonnegative_int, default=0, help="sample from the k likeliest tokens (0: all)")
-    # optimisation
-    a("--max_steps", type=nonnegative_int, default=0, help="rollout steps (0: from --epochs)")
-    a("--epochs", type=positive_float, default=1.0, help="passes over the items (ignored with --max_steps)")
+    # optimisation (a step: one rollout, then --num_iterations x --mini_batches updates)
     vlm.add_training_args(ap, lr=1e-6, schedule="constant", warmup_ratio=0.0)
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
     add_sampling_args(ap, num_samples=4, prompts_per_call=8, max_new_tokens=256)

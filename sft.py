@@ -32,7 +32,7 @@ import torch
 import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
-                    init_distributed, nonnegative_int, positive_float, positive_int, print0, progress, seed_process,
+                    init_distributed, nonnegative_int, positive_int, print0, progress, seed_process,
                     shard)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
@@ -52,8 +52,6 @@ def parse_args(argv=None):
       help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
     a("--per_class", type=nonnegative_int, default=0,
       help="keep only the first N records of each label (Fine-R1: one example per seen class)")
-    a("--max_steps", type=nonnegative_int, default=0, help="optimizer steps (0: from --epochs)")
-    a("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max_steps)")
     a("--batch_size", type=positive_int, default=16, help="examples per optimizer step over all ranks")
     a("--micro_batch_size", type=positive_int, default=4, help="examples per forward on one rank")
     a("--max_new_tokens", type=positive_int, default=4096,

@@ -477,8 +477,10 @@ class Training:
 
 
 def add_training_args(ap, *, lr, schedule, warmup_ratio):
-    """The flags `setup_training` reads, with the stage's own defaults for the schedule."""
+    """The flags `setup_training` reads (and the length of the run), with the stage's own schedule defaults."""
     a = ap.add_argument
+    a("--max_steps", type=nonnegative_int, default=0, help="training steps (0: from --epochs)")
+    a("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max_steps)")
     a("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     a("--schedule", default=schedule, choices=["constant", "cosine"], help="after the warmup")
     a("--warmup_ratio", type=fraction, default=warmup_ratio, help="share of the updates with linear warmup")
