@@ -4,7 +4,7 @@ Classes are every combination of a shape, a colour and a pattern, named composit
 ("striped red triangle"), in a three-level hierarchy: shape ⊃ colour+shape ⊃ pattern+colour+shape, so
 "triangle" is generic and "red triangle" less specific. With `names="epithets"` the pattern word of a
 name is an invented epithet whose meaning differs from one colour+shape to the next ("kavi red
-circle"; `make_world`), so that naming takes knowledge as well as sight (runs/toy_learn.sh).
+circle"; `make_world`), so that naming takes knowledge as well as sight (the world of runs/toy.sh).
 Look-alike classes differ in one attribute.
 Images are small (56 px by default) with random position, scale, rotation, colour jitter, background
 tint and pixel noise, so no two images of a class are the same.
@@ -23,12 +23,15 @@ Files written (all in the record format of data/records.py, images as PNG under 
   wording) and a short target "<think>shape: ... colour: ... pattern: ...</think>
   <answer>name</answer>" (the plain SFT target of the toy run);
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
-  look-alikes -> comparison -> prediction) on the train images;
+  look-alikes -> comparison -> prediction) on the train images, asked in turn with Fine-R1's open
+  question, with DiVE-k's list of the base classes and in SpeciaRL's open-world wording (the three
+  questions the toy comparison asks: a 1M-parameter model does not carry a format over to a wording
+  it was never shown);
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
   base model knows every name (as a real VLM knows bird names) but has not learned to name from sight.
-  With `pretrain_naming` (the learning benchmark, runs/toy_learn.sh) it also asks DiVE-k's mining
+  With `pretrain_naming` (the world of runs/toy.sh) it also asks DiVE-k's mining
   question, the true class listed among 1..(base classes - 1) others, so the base model names from a
   list before mining;
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
@@ -57,12 +60,6 @@ PATTERNS = ["solid", "striped", "dotted", "checked", "ringed"]
 EPITHETS = ["kavi", "mulo", "tesa", "rino", "danu"]  # names="epithets": invented words, one per pattern value
 NAMES = ("attributes", "epithets")
 
-SHAPE_TEXT = {"circle": "a round outline with no corners", "square": "four equal straight sides and four corners",
-              "triangle": "three straight sides and three corners", "star": "five sharp points",
-              "hexagon": "six straight sides", "cross": "two crossing bars"}
-PATTERN_TEXT = {"solid": "one flat colour with no marks", "striped": "parallel stripes",
-                "dotted": "a grid of small dots", "checked": "a checkerboard of small squares",
-                "ringed": "concentric rings"}
 ATTRIBUTE_QUESTIONS = {
     "shape": "What shape is in this image? " + FORMAT,
     "colour": "What colour is the shape in this image? " + FORMAT,
@@ -84,7 +81,7 @@ def make_world(n_shapes=4, n_colours=4, n_patterns=4, names="attributes"):
     among green circles (a seeded permutation per colour+shape). As with "Laysan" or "Black-footed"
     Albatross, the name says the genus (red triangle) but not what the species looks like: a model must
     know which epithet goes with which look, and that knowledge is what learning to tell look-alikes
-    apart can add (runs/toy_learn.sh). Aliases swap the first two words; parents are the same."""
+    apart can add (runs/toy.sh). Aliases swap the first two words; parents are the same."""
     if names not in NAMES:
         raise ValueError(f"toy names must be one of {NAMES}, got {names!r}")
     for what, n, pool in (("shapes", n_shapes, SHAPES), ("colours", n_colours, COLOURS), ("patterns", n_patterns, PATTERNS)):
@@ -224,23 +221,17 @@ def short_target(cls):
 
 
 def cot_target(cls, candidates):
-    """A Fine-R1-format rationale: numbered visual features -> candidates -> comparison -> prediction."""
+    """A Fine-R1-format rationale, terse (about 45 tokens: a 1M-parameter model keeps a short template
+    together, and it fits a CPU budget): visual analysis -> the candidates, each compared with what is
+    seen (the attribute that rules it out, which for a look-alike's epithet is what the name means:
+    "kavi red circle: striped", the knowledge a teacher given the label writes down) -> prediction."""
     a = cls["attributes"]
-    lines = ["Visual analysis:",
-             f"1. Shape: {SHAPE_TEXT[a['shape']]}, so a {a['shape']}.",
-             f"2. Colour: the shape is filled with {a['colour']}.",
-             f"3. Pattern: {PATTERN_TEXT[a['pattern']]}, so {a['pattern']}.",
-             "Candidates: " + ", ".join(c["name"] for c in candidates) + ".",
-             "Comparison:"]
+    compared = []
     for c in candidates:
-        wrong = [k for k in ("shape", "colour", "pattern") if c["attributes"][k] != a[k]]
-        if not wrong:
-            lines.append(f"- {c['name']}: shape, colour and pattern all match.")
-        else:
-            k = wrong[0]
-            lines.append(f"- {c['name']}: its {k} is {c['attributes'][k]}, but the image shows {a[k]}; rejected.")
-    lines.append(f"Prediction: {cls['name']}.")
-    return "<think>" + "\n".join(lines) + f"</think><answer>{cls['name']}</answer>"
+        wrong = [k for k in ATTRIBUTES if c["attributes"][k] != a[k]]
+        compared.append(f"{c['name']}: " + (c["attributes"][wrong[0]] if wrong else "matches"))
+    return (f"<think>Visual analysis: {a['shape']}, {a['colour']}, {a['pattern']}.\nCandidates compared: "
+            + "; ".join(compared) + f".\nPrediction: {cls['name']}.</think><answer>{cls['name']}</answer>")
 
 
 def mcq_cube(cls, classes, rng):
@@ -303,12 +294,13 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
                                 target=short_target(c)) for i, (p, c) in enumerate(train_items)]
 
     rng = random.Random(f"{seed}:sft_cot")
+    cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy")]
     files["sft_cot"] = []
-    for path, cls in train_items:
+    for i, (path, cls) in enumerate(train_items):
         near = [c for c in lookalikes(cls, classes) if c["base"]]
         candidates = [cls] + rng.sample(near, min(3, len(near)))
         rng.shuffle(candidates)
-        files["sft_cot"].append(make_record(path, cls, "toy", "train", question=question,
+        files["sft_cot"].append(make_record(path, cls, "toy", "train", question=cot_questions[i % 3],
                                             target=cot_target(cls, candidates)))
 
     rng = random.Random(f"{seed}:pretrain")

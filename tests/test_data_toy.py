@@ -174,14 +174,21 @@ def test_sft_targets(world):
 def test_cot_targets_follow_the_fine_r1_format(world):
     _, table, files = world
     base = set(class_names(table, "base"))
+    by_name = {c["name"]: c["attributes"] for c in table["classes"]}
+    assert [r["image"] for r in files["sft_cot"]] == [r["image"] for r in files["train"]]
+    assert [r["question"] for r in files["sft_cot"][:3]] == [  # the three wordings the toy comparison asks, in turn
+        open_question("toy"), open_question("toy", class_names(table, "base")), open_world_question("toy")]
     for r in files["sft_cot"]:
         think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", r["target"], re.S).groups()
         assert answer == r["label"]
-        assert re.search(r"^1\. Shape: .*\n2\. Colour: .*\n3\. Pattern: ", think, re.M)
-        candidates = re.search(r"Candidates: (.*)\.\n", think).group(1).split(", ")
+        a = by_name[r["label"]]
+        assert think.startswith(f"Visual analysis: {a['shape']}, {a['colour']}, {a['pattern']}.\nCandidates compared: ")
+        compared = re.search(r"Candidates compared: (.*)\.\n", think).group(1).split("; ")
+        candidates = [c.split(": ")[0] for c in compared]
         assert r["label"] in candidates and 2 <= len(candidates) <= 4 and set(candidates) <= base
-        for name in candidates:
-            assert f"- {name}: " in think
+        for name, text in zip(candidates, compared):  # what rules a look-alike out: for an epithet, its meaning
+            wrong = [k for k in toy.ATTRIBUTES if by_name[name][k] != a[k]]
+            assert text == f"{name}: {by_name[name][wrong[0]] if wrong else 'matches'}"
         assert think.endswith(f"Prediction: {r['label']}.")
 
 
