@@ -10,12 +10,17 @@ set of images is memorised instead). The heads are then dropped; runs/toy.sh goe
 attribute questions and MCQs (pretrain.jsonl) to make the "Instruct" model that the papers' pipeline
 starts from. What it reaches: docs/LOG.md.
 
-    python runs/toy_base.py --data out/toy/data --out out/toy/vision     # ~2 minutes on 2 CPU cores
+Drawing the images (PIL) and preparing them for the tower take a third of a step; a second process
+does it for the next steps while this one trains (`--draw_workers 1`), so the two cores of a small
+machine both work. Every step's classes and images come from seeds of their own, so the model is the
+same with or without the worker.
+
+    OMP_NUM_THREADS=1 python runs/toy_base.py --data out/toy/data --out out/toy/vision   # ~1.5 min, 2 CPU cores
 """
 
 import argparse
+import multiprocessing
 import os
-import random
 import sys
 import time
 
@@ -25,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
+from common import rng_of  # noqa: E402
 from tiny import build_tiny_model, read_corpus  # noqa: E402
 from data import toy  # noqa: E402
 from data.records import load_classes, load_image, read_records  # noqa: E402
@@ -44,7 +50,30 @@ def parse_args(argv=None):
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the tiny language model")
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
     ap.add_argument("--patch_size", type=int, default=14, help="vision patch side in pixels (Qwen2.5-VL: 14)")
+    ap.add_argument("--draw_workers", type=int, default=1, choices=[0, 1],
+                    help="1: draw the next steps' images in a second process; 0: in this one (same model)")
     return ap.parse_args(argv)
+
+
+_DRAW = {}  # what the drawing process needs, set once by draw_init
+
+
+def draw_init(model_dir, world, classes, batch_size, seed):
+    torch.set_num_threads(1)
+    _DRAW.update(processor=vlm.Processor.from_pretrained(model_dir, max_pixels=world["size"] ** 2), world=world,
+                 classes=classes, batch_size=batch_size, seed=seed)
+
+
+def draw_batch(step):
+    """Step `step`'s classes (their ids) and images as the vision tower's input, each drawn from its own seed
+    (never an image of any split on disk: a fixed set of images is memorised)."""
+    d, world = _DRAW, _DRAW["world"]
+    rng = rng_of("vision", d["seed"], step)
+    batch = [rng.choice(d["classes"]) for _ in range(d["batch_size"])]
+    images = [toy.render(c["attributes"], np.random.default_rng([world["seed"], toy.SPLIT_CODES["vision"], step, i]),
+                         world["size"], world["rotation"], world["jitter"]) for i, c in enumerate(batch)]
+    vis = d["processor"].image_processor(images=images, return_tensors="pt")
+    return [c["id"] for c in batch], vis["pixel_values"], vis["image_grid_thw"]
 
 
 def main(argv=None):
@@ -52,7 +81,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # the tokenizer learns the world's words (questions, targets, names)
-    corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "test_mcq")])
+    # (sft_cot too: Fine-R1's rationales are then words, not bytes, and fit the recipes' completion limit)
+    corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "sft_cot", "test_mcq")
+                          if os.path.exists(os.path.join(args.data, f"{name}.jsonl"))])
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
     tiny = args.out + ".init"
     build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
@@ -71,23 +102,25 @@ def main(argv=None):
                                  for a in ATTRIBUTES})
     optimizer = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=args.lr)
 
-    def features(images):  # the mean of an image's merged visual tokens, as the language model gets them
-        batch = processor.encode(images, [""] * len(images))
-        tokens = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output
+    def features(pixel_values, grids):  # the mean of an image's merged visual tokens, as the language model gets them
+        tokens = model.model.get_image_features(pixel_values, grids).pooler_output
         return torch.stack([t.mean(0) for t in tokens])
 
     def targets(batch_classes, a):
         return torch.tensor([values[a].index(c["attributes"][a]) for c in batch_classes])
 
-    # Every step draws new images, from their own seeds (never an image of any split on disk).
-    rng, t0 = random.Random(args.seed), time.time()
+    init = (tiny, world, classes, args.batch_size, args.seed)
+    if args.draw_workers:  # spawn, not fork: a forked copy of this process's torch state is not safe
+        pool = multiprocessing.get_context("spawn").Pool(1, initializer=draw_init, initargs=init)
+        batches = pool.imap(draw_batch, range(args.max_steps), chunksize=8)
+    else:
+        draw_init(*init)
+        batches = map(draw_batch, range(args.max_steps))
+    by_id, t0 = {c["id"]: c for c in classes}, time.time()
     visual.train()
-    for step in range(args.max_steps):
-        batch_classes = [rng.choice(classes) for _ in range(args.batch_size)]
-        seeds = [[world["seed"], toy.SPLIT_CODES["vision"], step, i] for i in range(args.batch_size)]
-        images = [toy.render(c["attributes"], np.random.default_rng(seed), world["size"], world["rotation"],
-                             world["jitter"]) for c, seed in zip(batch_classes, seeds)]
-        f = features(images)
+    for step, (ids, pixel_values, grids) in enumerate(batches):
+        batch_classes = [by_id[i] for i in ids]
+        f = features(pixel_values, grids)
         loss = sum(torch.nn.functional.cross_entropy(heads[a](f), targets(batch_classes, a)) for a in ATTRIBUTES)
         optimizer.zero_grad()
         loss.backward()
@@ -95,9 +128,12 @@ def main(argv=None):
         if (step + 1) % 200 == 0:
             print(f"vision pretraining step {step + 1}/{args.max_steps}: loss {loss.item():.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
+    if args.draw_workers:
+        pool.close()
     visual.eval()
     with torch.no_grad():
-        f = features([load_image(r["image"]) for r in held_out])
+        batch = processor.encode([load_image(r["image"]) for r in held_out], [""] * len(held_out))
+        f = features(batch.pixel_values, batch.image_grid_thw)
         truth = [by_name[r["label"]] for r in held_out]
         acc = {a: (heads[a](f).argmax(1) == targets(truth, a)).float().mean().item() for a in ATTRIBUTES}
     print("held-out attribute accuracy (val images): " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in acc.items()))
