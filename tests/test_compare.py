@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from collections import Counter
 
 import pytest
 
@@ -119,3 +120,34 @@ def test_plot_writers_on_a_fake_log(tmp_path):
     png = evaluate.plot_bars({"a": {"base": [50.0, 60.0], "novel": [30.0], "HM": []}, "b": {"base": [10.0]}},
                              str(tmp_path / "b.png"))
     assert png and os.path.getsize(png) > 5_000
+
+
+def test_toy_errors_kinds_knowledge_and_the_class_gap(tmp_path):
+    import toy_errors
+    from data import toy
+    classes = toy.make_world(names="epithets")
+    table = {"classes": classes}
+    by_cs = {}
+    for c in classes:
+        by_cs.setdefault((c["parents"][1], c["base"]), []).append(c)
+    rows = []
+    for c in classes:
+        same_split = [x for x in by_cs[(c["parents"][1], c["base"])] if x is not c][0]
+        other_split = by_cs[(c["parents"][1], not c["base"])][0]
+        for answer in (c["name"], same_split["name"], other_split["name"], "red", None):
+            rows.append({"label": c["name"], "base": c["base"], "answer": answer, "correct": answer == c["name"]})
+    kinds = Counter(toy_errors.kind(r, {x["name"]: x for x in classes},
+                                    {x["name"]: x["name"] for x in classes}) for r in rows)
+    assert kinds == {k: 64 for k in ("right", "epithet (listed)", "epithet (unlisted)", "no class")} | {"no class": 128}
+    bits, n = toy_errors.pattern_information([r for r in rows if r["correct"]], {x["name"]: x for x in classes},
+                                             {x["name"]: x["name"] for x in classes})
+    assert n == 64 and bits == pytest.approx(2.0)  # always right: the pattern is known exactly
+    gap, se = toy_errors.class_gap(rows)
+    assert gap == pytest.approx(0.0) and se == pytest.approx(0.0)
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "predictions_open.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "classes.json").write_text(json.dumps(table))
+    text = toy_errors.report(str(folder), table)
+    assert "base  (160): right 20%, epithet (listed) 20%, epithet (unlisted) 20%" in text
+    assert "of 2 bits" in text and "base - novel +0.0 ± 0.0" in text

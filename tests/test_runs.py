@@ -120,17 +120,21 @@ MODEL_SCRIPTS = ("sft.py", "grpo.py", "mine_topk.py", "evaluate.py", "bench.py",
 
 def test_toy_base_model_builder(small_world, tmp_path):
     root, _ = small_world
-    out = tmp_path / "vision"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
-                           str(out), "--max_steps", "3", "--batch_size", "4"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "held-out attribute accuracy" in done.stdout
     from transformers import Qwen2_5_VLForConditionalGeneration
     import torch
-    trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out))
+    trained = {}
+    for workers in ("1", "0"):  # images drawn in a second process or in this one: the same model
+        out = tmp_path / f"vision{workers}"
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
+                               str(out), "--max_steps", "3", "--batch_size", "4", "--draw_workers", workers],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "held-out attribute accuracy" in done.stdout
+        trained[workers] = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out)).named_parameters())
     init = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out) + ".init")
-    changed = {n for (n, a), (_, b) in zip(trained.named_parameters(), init.named_parameters()) if not torch.equal(a, b)}
+    changed = {n for n, a in init.named_parameters() if not torch.equal(a, trained["0"][n])}
     assert changed and all(".visual." in f".{n}" for n in changed)  # only the vision tower was trained
+    assert all(torch.equal(trained["0"][n], trained["1"][n]) for n in trained["0"])
 
 
 def test_summary_table(tmp_path):
