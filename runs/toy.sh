@@ -51,7 +51,10 @@ G=${G:-8}
 NPROC=${NPROC:-2}
 SECONDS=0
 mkdir -p "$OUT"
-if [ "$WORLD" = attributes ]; then NAMES="--names attributes"; else NAMES="--names epithets --pretrain_naming"; fi
+# LISTED: the classes the open question lists when evaluating (the split's: DiVE-k's protocol) and mining
+# (the base classes). The former pipeline asks without a list: its start model was never shown one.
+if [ "$WORLD" = attributes ]; then NAMES="--names attributes" LISTED=none MINE_LISTED=none
+else NAMES="--names epithets --pretrain_naming" LISTED=split MINE_LISTED=base; fi
 launch() { torchrun --standalone --nproc_per_node="$NPROC" "$@"; }
 cpu() {  # CPU=the CPU seconds of this shell's finished children (`times`; per lane: each is a subshell)
   local f=$OUT/.times.$BASHPID
@@ -68,7 +71,7 @@ timed() {  # timed LOG WHAT COMMAND...: run a stage, its output in $W/logs/LOG.l
 
 evaluate() {  # evaluate MODEL NAME: every column of the table into $W/eval/NAME
   python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --classes "$D/classes.json" \
-    --mode open two_step open_world --class_list split --num_samples 8 --out "$W/eval/$2" \
+    --mode open two_step open_world --class_list $LISTED --num_samples 8 --out "$W/eval/$2" \
     --prompts_per_call 64 --max_new_tokens 64 --seed "$S" --device cpu &&
   python evaluate.py --model "$1" --data "$D/test_mcq.jsonl" --classes "$D/classes.json" --mode mcq \
     --out "$W/eval/$2" --prompts_per_call 64 --max_new_tokens 64 --seed "$S" --device cpu
@@ -114,7 +117,7 @@ lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
   timed eval_start "evaluate start" evaluate "$W/start/final" start
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
     --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 \
-    --max_new_tokens 32 --class_list base --prompts_per_call 16 --seed "$S" --device cpu
+    --max_new_tokens 32 --class_list $MINE_LISTED --prompts_per_call 16 --seed "$S" --device cpu
   grep -h "top-5" "$W/logs/mine.log" || true
   timed divek "DiVE-k: GRPO on the mined MCQs" python grpo.py --model "$W/start/final" --data "$W/mine/mcq.jsonl" \
     --out "$W/divek" --reward mcq+format --loss grpo --beta 0.04 $BUDGET $RUN $SHORT

@@ -15,7 +15,7 @@ does it for the next steps while this one trains (`--draw_workers 1`), so the tw
 machine both work. Every step's classes and images come from seeds of their own, so the model is the
 same with or without the worker.
 
-    OMP_NUM_THREADS=1 python runs/toy_base.py --data out/toy/data --out out/toy/vision   # ~1.5 min, 2 CPU cores
+    OMP_NUM_THREADS=1 python runs/toy_base.py --data out/toy/data --out out/toy/vision   # ~2 min, 2 CPU cores
 """
 
 import argparse
