@@ -154,7 +154,7 @@ lane2 & L2=$!
 R1=0 R2=0
 wait $L1 || R1=$?
 wait $L2 || R2=$?
-[ $R1 = 0 ] && [ $R2 = 0 ]
+if [ $R1 != 0 ] || [ $R2 != 0 ]; then echo "a lane failed (its log is printed above)" >&2; exit 1; fi
 done
 
 echo "##### done in ${SECONDS}s; accuracies in % (base: the 32 classes trained on, novel: the 32 never seen)"

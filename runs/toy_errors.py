@@ -21,16 +21,16 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import read_jsonl  # noqa: E402
-from reward import normalize  # noqa: E402
+from reward import ClassMatcher  # noqa: E402
 
 KINDS = ("right", "epithet (listed)", "epithet (unlisted)", "colour/shape", "no class")
 
 
-def kind(row, by_name, alias):
-    """The kind of one open-question answer relative to its label (KINDS)."""
+def kind(row, by_name, match):
+    """The kind of one open-question answer relative to its label (KINDS); `match`: a reward.ClassMatcher."""
     if row["correct"]:
         return "right"
-    named = alias.get(normalize(row.get("answer") or ""))
+    named = match(row.get("answer"))
     if named is None:
         return "no class"
     truth, said = by_name[row["label"]], by_name[named]
@@ -39,12 +39,12 @@ def kind(row, by_name, alias):
     return "epithet (listed)" if said["base"] == truth["base"] else "epithet (unlisted)"
 
 
-def pattern_information(rows, by_name, alias):
+def pattern_information(rows, by_name, match):
     """Mutual information (bits) between the true pattern and the named class's pattern, over answers
     that name a class of the right colour and shape."""
     joint = Counter()
     for r in rows:
-        named = alias.get(normalize(r.get("answer") or ""))
+        named = match(r.get("answer"))
         if named and by_name[named]["parents"][1] == by_name[r["label"]]["parents"][1]:
             joint[by_name[r["label"]]["attributes"]["pattern"], by_name[named]["attributes"]["pattern"]] += 1
     n = sum(joint.values())
@@ -70,15 +70,15 @@ def class_gap(rows):
 
 def report(folder, table):
     by_name = {c["name"]: c for c in table["classes"]}
-    alias = {normalize(a): c["name"] for c in table["classes"] for a in [c["name"]] + c["aliases"]}
+    match = ClassMatcher(table["classes"])
     rows = [r for r in read_jsonl(os.path.join(folder, "predictions_open.jsonl")) if "skipped" not in r]
     lines = [f"{folder}:"]
     for base in (True, False):
         part = [r for r in rows if r["base"] == base]
-        counts = Counter(kind(r, by_name, alias) for r in part)
+        counts = Counter(kind(r, by_name, match) for r in part)
         lines.append(f"  {'base ' if base else 'novel'} ({len(part)}): " +
                      ", ".join(f"{k} {100 * counts[k] / len(part):.0f}%" for k in KINDS))
-    bits, n = pattern_information(rows, by_name, alias)
+    bits, n = pattern_information(rows, by_name, match)
     gap, se = class_gap(rows)
     lines.append(f"  epithet knowledge: {bits:.2f} of 2 bits (over {n} answers of the right colour and shape); "
                  f"base - novel {gap:+.1f} ± {se:.1f} (standard error over classes)")

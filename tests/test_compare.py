@@ -126,6 +126,7 @@ def test_plot_writers_on_a_fake_log(tmp_path):
 def test_toy_errors_kinds_knowledge_and_the_class_gap(tmp_path):
     import toy_errors
     from data import toy
+    from reward import ClassMatcher
     classes = toy.make_world(names="epithets")
     table = {"classes": classes}
     by_cs = {}
@@ -137,11 +138,11 @@ def test_toy_errors_kinds_knowledge_and_the_class_gap(tmp_path):
         other_split = by_cs[(c["parents"][1], not c["base"])][0]
         for answer in (c["name"], same_split["name"], other_split["name"], "red", None):
             rows.append({"label": c["name"], "base": c["base"], "answer": answer, "correct": answer == c["name"]})
-    kinds = Counter(toy_errors.kind(r, {x["name"]: x for x in classes},
-                                    {x["name"]: x["name"] for x in classes}) for r in rows)
+    match = ClassMatcher(classes)
+    kinds = Counter(toy_errors.kind(r, {x["name"]: x for x in classes}, match) for r in rows)
     assert kinds == {k: 64 for k in ("right", "epithet (listed)", "epithet (unlisted)", "no class")} | {"no class": 128}
     bits, n = toy_errors.pattern_information([r for r in rows if r["correct"]], {x["name"]: x for x in classes},
-                                             {x["name"]: x["name"] for x in classes})
+                                             match)
     assert n == 64 and bits == pytest.approx(2.0)  # always right: the pattern is known exactly
     gap, se = toy_errors.class_gap(rows)
     assert gap == pytest.approx(0.0) and se == pytest.approx(0.0)
