@@ -204,6 +204,25 @@ def test_recipe_smoke(small_world, tmp_path, recipe):
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(final))  # loadable by plain transformers
 
 
+@pytest.mark.parametrize("recipe", ["divek_mcq_full_ft", "tapo", "visual_rft_exact"])
+def test_shared_prefix_update_equals_per_row(small_world, tmp_path, recipe):
+    """One step of the update (policy, reference, old log-probs; TAPO's negative image and anchor +
+    positive rows; LoRA) with each group's prompt encoded once, against one row per completion."""
+    root, model = small_world
+    flags = list(RECIPES[recipe]) + ["--max_steps", "1", "--lora_dropout", "0"]  # dropout: other masks
+    if recipe == "tapo":
+        flags += ["--data", str(root / "triplets.jsonl")]
+    logs = [run(small_world, model, tmp_path / mode, *flags, "--prefix_forward", mode)[0] for mode in ("shared", "per_row")]
+    for k in ("reward_mean", "loss", "kl", "entropy", "tapo_kl", "clip_low", "grad_norm"):
+        assert abs(logs[0].get(k, 0.0) - logs[1].get(k, 0.0)) <= 1e-5 * max(1.0, abs(logs[1].get(k, 0.0))), k
+    shared, per_row = final_weights(tmp_path / "shared"), final_weights(tmp_path / "per_row")
+    start = load_file(os.path.join(model, "model.safetensors"))
+    assert max(float((shared[k] - start[k]).abs().max()) for k in shared) > 1e-4  # the step moved the weights
+    for k in shared:  # Adam's first step is ~lr·sign(gradient): float error moves entries whose gradient is
+        # near zero by a share of lr (up to 2e-5 seen), a wrong gradient by ~lr (1e-3)
+        torch.testing.assert_close(shared[k], per_row[k], atol=1e-4, rtol=0)
+
+
 def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
