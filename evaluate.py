@@ -384,11 +384,19 @@ def _pyplot():
         return None
 
 
+def smooth(values, window):
+    """Centred moving average over `window` steps (shorter at the ends): a trend through per-step noise."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
 def plot_curves(logs, out, keys=None, labels=None):
     """Training curves (y = keys, x = step) from JSONL logs as a PNG, a line per label: logs given the
-    same label (one run on several seeds) are averaged step by step, their min..max shaded. Labels
-    default to each log's folder name. Returns the path, or None without matplotlib (an optional extra:
-    never required)."""
+    same label (one run on several seeds) are averaged step by step; the line is that mean smoothed over
+    about a tenth of the steps, the band around it the per-step values (their min..max over seeds).
+    Labels default to each log's folder name. Returns the path, or None without matplotlib (an optional
+    extra)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -414,10 +422,12 @@ def plot_curves(logs, out, keys=None, labels=None):
                         by_step[r.get("step", j)].append(r[key])
             if by_step:
                 steps = sorted(by_step)
-                line, = ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=label, lw=1.2)
-                if len(runs) > 1:
-                    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                                    color=line.get_color(), alpha=0.15, lw=0)
+                mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+                line, = ax.plot(steps, smooth(mean, max(3, len(steps) // 10)), label=label, lw=1.5)
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=line.get_color(), alpha=0.15, lw=0)
+                if len(runs) == 1:  # one seed: the band is the per-step line itself
+                    ax.plot(steps, mean, color=line.get_color(), alpha=0.35, lw=0.6)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
