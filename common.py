@@ -206,12 +206,26 @@ def write_jsonl(path, rows):
 
 
 def append_jsonl(path, rows):
-    """Append rows and fsync: they survive a crash right after this returns."""
+    """Append rows and fsync: they survive a crash right after this returns. The lines go out in one write;
+    one that a crash or a full disk cuts short is the file's last, which `drop_cut_line` removes before the
+    next append."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_cut_line(path):
+    """Cut a JSONL file we append to back to its last complete line. What follows the last newline is a line
+    a crash or a full disk cut short: appending after it would glue the next line onto it, and the reader
+    would then skip both. A line without its newline counts as cut even when it parses: it is redone."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 class JsonlLog:
@@ -223,6 +237,8 @@ class JsonlLog:
 
     def __init__(self, path, d, start_step=0):
         self.path = path if d.is_main else None
+        if self.path:
+            drop_cut_line(path)
         if self.path and os.path.exists(path):
             rows = read_jsonl(path)
             kept = [row for row in rows if row.get("step", 0) <= start_step]
@@ -237,18 +253,22 @@ class JsonlLog:
 class ResumableShards:
     """Results of a (data-parallel) pass over a list of items, kept safe as they are produced.
 
-    Each rank appends its finished rows to `{path}.shard{rank}of{world}.jsonl` (fsynced per batch), every
-    row carrying `"key"`: its item's index. A rerun reads every shard file present (whatever world size
-    wrote it) and skips finished keys, so an interrupted evaluation or mining run resumes where it
-    stopped. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`,
-    atomically, and removes the shards.
+    Each rank appends each finished batch to `{path}.shard{rank}of{world}.jsonl` as one line
+    `{"rows": [...]}` (fsynced), every row carrying `"key"`: its item's index. A rerun first cuts its own
+    shard back to its last complete line (`drop_cut_line`: a crash or a full disk may have cut the last one
+    short), reads every shard file present (whatever world size wrote it) and skips finished keys, so an
+    interrupted evaluation or mining run resumes where it stopped. A batch is saved whole or not at all, so
+    the rerun redoes a cut batch whole, batched (and seeded) as an uninterrupted run, which gives the same
+    bytes. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`, atomically,
+    and removes the shards.
     """
 
     def __init__(self, path, d):
         self.path, self.d = path, d
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.mine = f"{path}.shard{d.rank}of{d.world_size}.jsonl"
-        self.rows = [row for p in self._shard_files() for row in read_jsonl(p)]
+        drop_cut_line(self.mine)  # only its own: another rank may be appending to its shard right now
+        self.rows = self._saved_rows()
         self.done = {row["key"] for row in self.rows}
 
     def _shard_files(self):
@@ -256,14 +276,19 @@ class ResumableShards:
         return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
                 if name.startswith(base + ".shard") and name.endswith(".jsonl")]
 
+    def _saved_rows(self):
+        # a line is a batch {"rows": [...]}; a line that is a row itself was written by an older version
+        return [row for p in self._shard_files() for line in read_jsonl(p) for row in line.get("rows", [line])]
+
     def append(self, rows):
-        append_jsonl(self.mine, rows)
+        """Save one batch's rows as one line."""
+        append_jsonl(self.mine, [{"rows": rows}])
         self.done.update(row["key"] for row in rows)
 
     def merge(self):
         """All rows, one per key in key order; rank 0 writes them to `path`. Returns the rows."""
         barrier()
-        by_key = {row["key"]: row for p in self._shard_files() for row in read_jsonl(p)}
+        by_key = {row["key"]: row for row in self._saved_rows()}
         rows = [by_key[k] for k in sorted(by_key)]
         if self.d.is_main:
             write_jsonl(self.path, rows)
