@@ -85,9 +85,20 @@ class Dist:
 
 
 def resolve_device(device="auto"):
+    """The torch.device --device names; a device this machine does not have is refused here, naming the flag,
+    rather than by an assertion deep inside the first .to(device)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return dev
 
 
 def resolve_dtype(name, device="cpu"):

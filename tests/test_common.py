@@ -104,3 +104,13 @@ def test_a_log_cut_mid_line_keeps_every_row(tmp_path):
     log.write({"step": 2, "loss": 0.25})
     assert common.read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
 
+
+
+def test_a_device_that_is_not_here_is_refused_naming_the_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit, match=f"--device {device}: CUDA is not available"):
+            common.resolve_device(device)
+    with pytest.raises(SystemExit, match="--device gpu: "):
+        common.resolve_device("gpu")
+    assert common.resolve_device("auto") == torch.device("cpu") == common.resolve_device("cpu")
