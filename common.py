@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data.prompts import LETTERS
 from data.records import atomic_write
 
 
@@ -67,6 +68,7 @@ positive_float = _bounded(float, lambda v: v > 0, "more than 0")
 nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
 probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
+option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (an MCQ's options are lettered A-Z)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from collections import Counter, defaultdict
 
 import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, barrier, cleanup,
-                    init_distributed, nonnegative_int, positive_int, print0, read_jsonl, shard, write_jsonl)
+                    init_distributed, nonnegative_int, option_count, print0, read_jsonl, shard, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
 from data.records import ImageError, classes_of, load_classes, load_image, read_records
 from engine import sample_completions
@@ -470,7 +470,7 @@ def parse_args(argv=None):
     a("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
       help="class names listed in open / two_step prompts (split = the image's base or novel list); default "
            "none for open, split for two_step")
-    a("--k", type=positive_int, default=5, help="two_step: options (most frequent valid answers)")
+    a("--k", type=option_count, default=5, help="two_step: options (most frequent valid answers), 2 to 26")
     a("--verifier_model", default=None, help="open_world: local text model as LLM judge")
     a("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
     a("--limit", type=nonnegative_int, default=0, help="only the first N records of each file (0 = all)")

@@ -285,3 +285,14 @@ def test_a_full_disk_mid_write_then_a_rerun_gives_the_same_files(world, tmp_path
     summary = lambda folder: {k: v for k, v in json.load(open(tmp_path / folder / "mcq.summary.json")).items()
                               if k != "args"}
     assert summary("cut") == summary("straight") and summary("cut")["images"] == 6
+
+
+def test_out_that_is_the_data_or_the_class_table_is_refused_before_any_work(world, tmp_path, monkeypatch):
+    """--out naming --data (here written another way) would replace the training records with MCQs."""
+    data = os.path.join(world["dir"], "train.jsonl")
+    before = open(data, "rb").read()
+    monkeypatch.chdir(world["dir"])
+    for flag, out in (("--data", "./images/../train.jsonl"), ("--classes", "classes.json")):
+        with pytest.raises(SystemExit, match=f"--out {out} is {flag}"):
+            M.main(mine_args(dict(world, model="no such model"), out))
+    assert open(data, "rb").read() == before
