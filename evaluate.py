@@ -60,7 +60,7 @@ import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, barrier, cleanup,
                     init_distributed, nonnegative_int, option_count, print0, read_jsonl, shard, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
-from data.records import ImageError, classes_of, load_classes, load_image, read_records
+from data.records import ImageError, classes_of, load_classes, load_image, read_records, require_fields
 from engine import sample_completions
 from mine_topk import build_mcq, listed_classes, mcq_rng, sample_candidates
 from reward import (CATEGORIES, LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct,
@@ -510,10 +510,8 @@ def main(argv=None):
     for path in args.data:
         records = read_records(path, skip_bad=args.skip_bad, classes=table)
         files.append((path, records[:args.limit] if args.limit else records))
-    if "mcq" in args.mode:
-        bad = [p for p, recs in files if any("options" not in r or "answer" not in r for r in recs)]
-        if bad:
-            raise SystemExit(f"--mode mcq needs records with 'options' and 'answer': {bad}")
+    for _, records in files if "mcq" in args.mode else ():
+        require_fields(records, ("options", "answer"), "--mode mcq")
     model = vlm.load_model(args.model, d.device, args.dtype)
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,

@@ -480,6 +480,12 @@ def main(argv=None):
 
     table = load_classes(args.classes) if args.classes else None
     records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
+    # what the reward, the question and TAPO read from every record, there before the model loads
+    from data.records import check_triplets, require_fields
+    require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
+    require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
+    if args.tapo:
+        check_triplets(records)
     names = class_names(table, "base") if table else None
     confusions = {}
     if args.confusions:

@@ -520,6 +520,11 @@ class Reward:
         return any(name in SPECIFICITY_TERMS for name, _ in self.terms)
 
     @property
+    def record_fields(self):
+        """The fields every scored record must carry besides its label: the mcq term's options and answer."""
+        return ("options", "answer") if any(name == "mcq" for name, _ in self.terms) else ()
+
+    @property
     def spec(self):
         return "+".join(f"{name}:{weight:g}" for name, weight in self.terms)
 

@@ -215,6 +215,26 @@ def read_records(path, *, check_images=False, skip_bad=False, known_labels=None,
     return records
 
 
+def require_fields(records, fields, needed_by):
+    """Stop before any work when records lack one of `fields`, which `needed_by` (a flag) reads: one line
+    naming the first such record's file:line and how many there are (a KeyError mid-run names neither)."""
+    lacking = [r for r in records if any(field not in r for field in fields)]
+    if lacking:
+        raise SystemExit(f"{lacking[0].get('_src', '?')}: no {' and '.join(map(repr, fields))}, which {needed_by} "
+                         f"needs ({len(lacking)} of {len(records)} records)")
+
+
+def check_triplets(records):
+    """TAPO (grpo.py --tapo) takes each anchor's look-alike negative from its `negative` field, else from the
+    images of another class: stop before any work when an anchor has neither, i.e. the data has one class.
+    (A positive always exists: another image of the class, or the anchor itself when it is the only one.)"""
+    labels = {r["label"] for r in records}
+    lacking = [r for r in records if not r.get("negative") and labels == {r["label"]}]
+    if lacking:
+        raise SystemExit(f"{lacking[0].get('_src', '?')}: no 'negative' image and no other class in the data to "
+                         f"draw one from, which --tapo needs ({len(lacking)} of {len(records)} records)")
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 
