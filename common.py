@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data.prompts import LETTERS
-from data.records import atomic_write
+from data.records import IMAGE_KEYS, atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,6 +69,31 @@ nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
 probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
 option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (an MCQ's options are lettered A-Z)")
+
+
+LARGE_IMAGE_TOKENS = 4096  # visual tokens of one image past which memory, not the model, is what a user meets
+
+
+def warn_large_images(records, processor):
+    """One warning line, before any work, when images of `records` become more than LARGE_IMAGE_TOKENS visual
+    tokens each at the processor's bounds (a Hub checkpoint allows 16,384): the largest, its count and the
+    flag to set, instead of an out-of-memory error later. Reads image headers only."""
+    from PIL import Image
+    large = []
+    for path in dict.fromkeys(r[key] for r in records for key in IMAGE_KEYS if r.get(key)):
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+            n = processor.image_processor.get_number_of_image_patches(h, w) // processor.merge_size ** 2
+        except (OSError, ValueError):  # unreadable or too elongated: refused, or skipped and counted, where loaded
+            continue
+        if n > LARGE_IMAGE_TOKENS:
+            large.append((n, path, w, h))
+    if large:
+        n, path, w, h = max(large)
+        print0(f"warning: {len(large)} image(s) over {LARGE_IMAGE_TOKENS} visual tokens at --max_pixels "
+               f"{processor.pixel_bounds[1]}, the largest {path} ({w}x{h}) {n} visual tokens: memory grows with "
+               "them; set --max_pixels (e.g. 401408, at most 512 tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------

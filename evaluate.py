@@ -58,7 +58,8 @@ from collections import Counter, defaultdict
 
 import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, barrier, cleanup,
-                    init_distributed, nonnegative_int, option_count, print0, read_jsonl, shard, write_jsonl)
+                    init_distributed, nonnegative_int, option_count, print0, read_jsonl, shard, warn_large_images,
+                    write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
 from data.records import ImageError, classes_of, load_classes, load_image, read_records, require_fields
 from engine import sample_completions
@@ -221,7 +222,7 @@ def predict_batch(mode, records, idx, ctx):
         row = {"key": i, "file": ctx["file"], "mode": mode, "model": args.model, "image": rec["image"],
                "label": rec["label"], "dataset": rec.get("dataset", ""), "base": index.is_base(rec)}
         try:
-            images.append(load_image(rec["image"]))
+            images.append(load_image(rec["image"], ctx["processor"].pixel_bounds[1]))
             ok.append((i, row))
         except ImageError as e:
             row["skipped"] = str(e)  # counted in the metrics, never fatal
@@ -512,8 +513,9 @@ def main(argv=None):
         files.append((path, records[:args.limit] if args.limit else records))
     for _, records in files if "mcq" in args.mode else ():
         require_fields(records, ("options", "answer"), "--mode mcq")
-    model = vlm.load_model(args.model, d.device, args.dtype)
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
+    warn_large_images([r for _, records in files for r in records], processor)
+    model = vlm.load_model(args.model, d.device, args.dtype)
     ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,
            "listed": {m: class_list_for(m, args, table, index) for m in MODES},
            "verifier_for": make_verifier_for(args, table, d) if "open_world" in args.mode else None}

@@ -17,6 +17,7 @@ Nothing here imports torch: data does not depend on the model.
 """
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -59,15 +60,30 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path):
+def _decode_smaller(image, max_pixels):
+    """Ask PIL to decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling: the full-size pixels never exist
+    in memory), as small as it goes with at least `max_pixels` pixels left, so the processor still only
+    shrinks the image, to the same patch grid. A 100-megapixel photo no longer takes gigabytes before it
+    is resized; an image the bound does not halve on both sides is decoded exactly as before."""
+    w, h = image.size
+    f = math.sqrt(max_pixels / (w * h))
+    size = (math.ceil(w * f), math.ceil(h * f))  # the bound's area in the image's shape
+    if w >= 2 * size[0] and h >= 2 * size[1]:  # else PIL would decode it at full size anyway
+        image.draft(None, size)  # a no-op for formats other than JPEG
+
+
+def load_image(path, max_pixels=None):
     """Open an image, decode it fully and convert it to RGB (`to_rgb`).
 
     `.load()` forces the decode now: PIL opens lazily, and a truncated JPEG would otherwise only fail
     later, deep inside a training step. Missing, corrupt and truncated files, and images too elongated
-    for Qwen2.5-VL (over 200:1), raise ImageError naming the file.
+    for Qwen2.5-VL (over 200:1), raise ImageError naming the file. With `max_pixels` (the processor's
+    bound) a JPEG many times larger is decoded smaller (`_decode_smaller`).
     """
     try:
         with Image.open(path) as image:
+            if max_pixels:
+                _decode_smaller(image, max_pixels)
             image.load()
             image = to_rgb(image)
     except FileNotFoundError:
