@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from data.prompts import LETTERS
 from data.records import IMAGE_KEYS, atomic_write
@@ -68,7 +69,7 @@ positive_float = _bounded(float, lambda v: v > 0, "more than 0")
 nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
 probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
-option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (an MCQ's options are lettered A-Z)")
+option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (options are lettered A-Z)")
 
 
 LARGE_IMAGE_TOKENS = 4096  # visual tokens of one image past which memory, not the model, is what a user meets
@@ -78,7 +79,6 @@ def warn_large_images(records, processor):
     """One warning line, before any work, when images of `records` become more than LARGE_IMAGE_TOKENS visual
     tokens each at the processor's bounds (a Hub checkpoint allows 16,384): the largest, its count and the
     flag to set, instead of an out-of-memory error later. Reads image headers only."""
-    from PIL import Image
     large = []
     for path in dict.fromkeys(r[key] for r in records for key in IMAGE_KEYS if r.get(key)):
         try:
@@ -258,12 +258,13 @@ def drop_cut_line(path):
     """Cut a JSONL file we append to back to its last complete line. What follows the last newline is a line
     a crash or a full disk cut short: appending after it would glue the next line onto it, and the reader
     would then skip both. A line without its newline counts as cut even when it parses: it is redone."""
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":  # only after a crash: reading the whole file once is fine then
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
 
 
 class JsonlLog:
@@ -275,9 +276,8 @@ class JsonlLog:
 
     def __init__(self, path, d, start_step=0):
         self.path = path if d.is_main else None
-        if self.path:
-            drop_cut_line(path)
         if self.path and os.path.exists(path):
+            drop_cut_line(path)
             rows = read_jsonl(path)
             kept = [row for row in rows if row.get("step", 0) <= start_step]
             if len(kept) < len(rows):

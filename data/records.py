@@ -201,8 +201,9 @@ def scan_records(path, *, check_images=False, known_labels=None, classes=None, s
             if reason is not None:
                 yield None, RecordError(path, number, reason)
                 continue
-            for name in names_of(record) if not shared_aliases else ():
-                names.setdefault(name, set()).add(record["label"])
+            if not shared_aliases:  # a later record's alias must not name this class
+                for name in names_of(record):
+                    names.setdefault(name, set()).add(record["label"])
             record["_src"] = f"{path}:{number}"
             yield record, None
 

@@ -75,7 +75,8 @@ def test_blank_lines_are_ignored_and_line_numbers_count_them(tmp_path):
     ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "AB"}, "answer 'AB' is not one of"),
     ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "BC"}, "answer 'BC' is not one of"),
     ({"image": "a.png", "label": "x", "options": ["p"]}, "needs at least 2 options"),
-    ({"image": "a.png", "label": "x", "options": ["y", "x"], "answer": "A"}, "answer 'A' is option 'y', not the label 'x'"),
+    ({"image": "a.png", "label": "x", "options": ["y", "x"], "answer": "A"},
+     "answer 'A' is option 'y', not the label 'x'"),
     ({"image": "a.png", "label": "y", "aliases": ["X"]}, "alias 'X' of 'y' also names class 'x'"),
     ({"image": "a.png", "label": "parrot"}, "unknown label 'parrot'"),
 ])
