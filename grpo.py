@@ -469,6 +469,8 @@ def make_reward(args, table, d):
 
 
 def main(argv=None):
+    from common import warn_large_images
+    from data.records import check_triplets, require_fields
     args = parse_args(argv)
     d = init_distributed(args.device)
     seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
@@ -480,9 +482,7 @@ def main(argv=None):
 
     table = load_classes(args.classes) if args.classes else None
     records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
-    # what the reward, the question and TAPO read from every record, there before the model loads
-    from common import warn_large_images
-    from data.records import check_triplets, require_fields
+    # what the reward, the question and TAPO read from every record, checked before the model loads
     require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
     require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
     if args.tapo:
