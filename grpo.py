@@ -473,6 +473,8 @@ def make_reward(args, table, d):
 
 
 def main(argv=None):
+    from common import warn_large_images
+    from data.records import check_triplets, require_fields
     args = parse_args(argv)
     d = init_distributed(args.device)
     seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
@@ -484,6 +486,11 @@ def main(argv=None):
 
     table = load_classes(args.classes) if args.classes else None
     records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
+    # what the reward, the question and TAPO read from every record, checked before the model loads
+    require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
+    require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
+    if args.tapo:
+        check_triplets(records)
     names = class_names(table, "base") if table else None
     confusions = {}
     if args.confusions:
@@ -492,6 +499,7 @@ def main(argv=None):
     reward_fn = make_reward(args, table, d)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.prompts_per_step))
     training = vlm.setup_training(args, d, steps * args.num_iterations * args.mini_batches, reference=args.beta > 0)
+    warn_large_images(records, training.processor)
     cursor = training.resumed.get("cursor", 0)
     totals = training.resumed.get("totals", {"skipped_updates": 0, "bad_images": 0})
     items = Items(records, args.seed)

@@ -32,6 +32,37 @@ def random_image(h, w, seed):
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+def full_disk(whole_writes, then_chars):
+    """A stand-in for `open`, to monkeypatch into a module: the files it opens take `whole_writes` writes, then,
+    like a full disk, the first `then_chars` characters of the next one, which raises ENOSPC."""
+    import builtins
+    import errno
+    writes = [0]
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            writes[0] += 1
+            if writes[0] <= whole_writes:
+                return self.f.write(text)
+            self.f.write(text[:then_chars])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    return lambda path, *a, **k: FullDisk(builtins.open(path, *a, **k))
+
+
 @pytest.fixture
 def images():
     """Three images of different sizes (4, 6 and 8 merged patches)."""

@@ -331,3 +331,25 @@ def test_an_unusable_image_is_named_up_front_or_replaced_and_counted(small_world
     monkeypatch.setattr(grpo, "read_records", lambda path, **kw: real(path, **dict(kw, check_images=False)))
     log = run(small_world, model, tmp_path / "mid", *data, "--prompts_per_step", str(len(records)))  # every item
     assert log[-1]["bad_images"] >= 1 and log[-1]["completion_length"] > 0
+
+
+def test_records_the_reward_the_prompt_or_tapo_cannot_use_are_refused_before_any_work(tmp_path):
+    """--reward mcq+format on open-ended records (a KeyError after the model loaded and sampled), --prompt mcq
+    likewise, and --tapo on one-class data, where no anchor has a negative to draw (an IndexError mid-step):
+    one line naming the first record's file:line and the flag, before the model loads (there is none here)."""
+    from PIL import Image
+    from data.records import write_records
+    records = []
+    for i in range(3):
+        Image.new("RGB", (56, 56), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        records.append({"image": str(tmp_path / f"{i}.png"), "label": "red circle"})
+    write_records(tmp_path / "open.jsonl", records)
+    args = ["--model", str(tmp_path / "no model"), "--data", str(tmp_path / "open.jsonl"), "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'options' and 'answer', which --reward mcq\+format needs "
+                                         r"\(3 of 3 records\)"):
+        grpo.main(args + ["--reward", "mcq+format"])
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'options', which --prompt mcq needs"):
+        grpo.main(args + ["--reward", "exact", "--prompt", "mcq"])
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'negative' image and no other class .* --tapo"):
+        grpo.main(args + ["--reward", "exact", "--tapo"])
