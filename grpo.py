@@ -9,7 +9,8 @@ One step (the formulas: docs/methods.md §4):
                (grpo | bnpo | dr_grpo | dapo) over micro-batches, --num_iterations times per rollout; GSPO
                (gspo, gspo_token) clips a sequence ratio instead, CISPO (cispo) weighs REINFORCE by the
                clipped token ratio; the KL reference is the starting policy (LoRA: the same weights with the
-               adapters off).
+               adapters off); the sampler's log-probs against the trainer's (the gap) are logged and, with
+               --rollout_correction, weigh the loss.
 TAPO (--tapo, docs/methods.md §5): half of each group samples on the anchor image, half on a positive of
 the same class, one advantage group; each rollout is scored under its own image (or the anchor's:
 --tapo_anchor_only); the loss adds -γ·KL(π(·|x*) ‖ π(·|x_neg)) against a look-alike negative image and
@@ -37,7 +38,7 @@ import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
                     epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
-                    positive_int, print0, progress, rng_of, seed_process)
+                    positive_float, positive_int, print0, progress, rng_of, seed_process)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 from engine import sample_completions
@@ -72,6 +73,12 @@ def parse_args(argv=None):
     a("--entropy_coef", type=nonnegative_float, default=0.0, help="entropy bonus: -c·H_t added to each token's loss")
     a("--mask_truncated", action="store_true",
       help="DAPO's overlong filtering: completions that reach --max_new_tokens without an EOS get no loss")
+    a("--rollout_correction", default="none", choices=["none", "tis", "mis"],
+      help="weigh each token's policy loss by ρ = π_train/π_sampler (stop-gradient), the sampler/trainer gap's "
+           "importance weight: tis = min(ρ, cap) (truncated), mis = ρ, or 0 over the cap (masked)")
+    a("--rollout_correction_cap", type=positive_float, default=2.0, help="the cap C of --rollout_correction")
+    a("--rollout_correction_level", default="token", choices=["token", "sequence"],
+      help="ρ per token, or per sequence (the product of its tokens' ratios)")
     a("--num_iterations", type=positive_int, default=1,
       help="updates per rollout (old log-probs stored when > 1)")
     a("--mini_batches", type=positive_int, default=1,
@@ -183,10 +190,13 @@ def policy_loss(logp, old_logp, adv, eps_low, eps_high, loss="grpo", mask=None):
 
 
 def per_token_loss(logp, old_logp, adv, eps_low, eps_high, beta=0.0, ref_logp=None, *, loss="grpo", mask=None,
-                   kl="k3", entropy=None, entropy_coef=0.0):
-    """ℓ_t = policy_t + β·KL_t - c·H_t: the surrogate of `loss` (policy_loss; default PPO's on the token ratio
-    r = exp(logp - old_logp)), the KL estimator `kl` against ref_logp, the entropy bonus. Also the clip masks."""
+                   weight=None, kl="k3", entropy=None, entropy_coef=0.0):
+    """ℓ_t = w_t·policy_t + β·KL_t - c·H_t: the surrogate of `loss` (policy_loss; default PPO's on the token ratio
+    r = exp(logp - old_logp)), weighted by the rollout correction's stop-gradient w (None: 1), the KL
+    estimator `kl` against ref_logp, the entropy bonus. Also the clip masks."""
     loss_t, low, high = policy_loss(logp, old_logp, adv, eps_low, eps_high, loss, mask)
+    if weight is not None:
+        loss_t = loss_t * weight
     if beta:
         loss_t = loss_t + beta * kl_penalty(ref_logp, logp, kl)
     if entropy_coef:
@@ -218,6 +228,32 @@ def aggregate(token_loss, mask, loss_type, *, ga, l_max, n_tokens, world):
         # so the step's gradient is that of the token mean over all ranks and micro-batches
         return total / (n_tokens / world)
     raise ValueError(loss_type)
+
+
+# The sampler (engine.py: KV-cached decode steps) and the trainer (vlm.sequence_logprobs: one forward) compute
+# the same log-probs with other kernels: equal in fp32 to rounding, not in bf16. `train_logp` is the first
+# pass's (the old log-probs, else the first update's own); a sampler log-prob of NaN is unknown (a row scored
+# under another prompt than it was sampled from: TAPO anchor-only).
+
+def sampler_gap(train_logp, sampler_logp, mask):
+    """Sums over the tokens of `mask` whose sampler log-prob is known: |logp_train - logp_sampler|, k3 of
+    KL(π_sampler ‖ π_train) (the tokens were drawn from the sampler), the tokens whose ratio π_train/π_sampler is
+    outside [0.8, 1.25] (|log ρ| > log 1.25), and their count."""
+    known = (mask > 0) & torch.isfinite(sampler_logp)
+    d = torch.where(known, train_logp.detach() - sampler_logp, 0.0).double()  # k3 ≈ d²/2: fp32 loses it
+    return {"gap_abs": float(d.abs().sum()), "gap_kl": float((torch.expm1(d) - d).sum()),
+            "gap_outside": float((d.abs() > math.log(1.25)).sum()), "gap_tokens": float(known.sum())}
+
+
+def rollout_weights(train_logp, sampler_logp, mask, kind, cap, level="token"):
+    """The rollout correction's weight on each token's policy loss, without gradient: ρ = π_train/π_sampler per
+    token, or per sequence exp(Σ_t m_t log ρ_t); tis: min(ρ, cap); mis: ρ up to the cap, 0 above. A token whose
+    sampler log-prob is unknown counts as ρ = 1."""
+    log_rho = torch.where(torch.isfinite(sampler_logp), train_logp.detach() - sampler_logp, 0.0) * mask
+    if level == "sequence":
+        log_rho = log_rho.sum(1, keepdim=True)
+    rho = torch.exp(log_rho)
+    return rho.clamp(max=cap) if kind == "tis" else torch.where(rho <= cap, rho, 0.0)
 
 
 def truncated(ids, lengths, max_new_tokens, eos_ids):
@@ -299,6 +335,9 @@ class Rollouts:
     group_size: int
     neg_logp: torch.Tensor | None = None  # TAPO: (N, L) log-probs of each completion under the negative image
     bad_images: int = 0
+    # (N, L) each token's log-prob under the sampler (engine.py), against which the trainer's are compared;
+    # NaN on a row scored under another prompt than it was sampled from (TAPO anchor-only)
+    sampler_logp: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.prompt_rows)
@@ -321,7 +360,7 @@ class Rollouts:
         pick = lambda t: None if t is None else t[rows]
         return Rollouts(self.prompts, [self.prompt_rows[i] for i in rows], self.ids[rows], self.mask[rows],
                         self.rewards[rows], self.lengths[rows], [self.details[i] for i in rows], self.group_size,
-                        pick(self.neg_logp), self.bad_images)
+                        pick(self.neg_logp), self.bad_images, pick(self.sampler_logp))
 
     @staticmethod
     def cat(parts):
@@ -333,14 +372,15 @@ class Rollouts:
         offsets = [0]
         for p in parts[:-1]:
             offsets.append(offsets[-1] + len(p.prompts))
-        negs = [p.neg_logp for p in parts]
+        negs, sampled = [p.neg_logp for p in parts], [p.sampler_logp for p in parts]
         return Rollouts(vlm.PromptBatch.cat([p.prompts for p in parts]),
                         [o + r for o, p in zip(offsets, parts) for r in p.prompt_rows],
                         torch.cat([pad(p.ids) for p in parts]), torch.cat([pad(p.mask) for p in parts]),
                         torch.cat([p.rewards for p in parts]), torch.cat([p.lengths for p in parts]),
                         [x for p in parts for x in p.details], parts[0].group_size,
                         None if negs[0] is None else torch.cat([pad(n) for n in negs]),
-                        sum(p.bad_images for p in parts))
+                        sum(p.bad_images for p in parts),
+                        None if sampled[0] is None else torch.cat([pad(x) for x in sampled]))
 
 
 def used_columns(mask):
@@ -391,9 +431,11 @@ def rollout(records, first_index, items, training, ask, reward_fn, args, device,
     pad = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)
     ids = torch.cat([pad(p.completion_ids, training.processor.pad_token_id) for p in parts])
     mask = torch.cat([pad(p.completion_mask, 0) for p in parts])
+    sampler_logp = torch.cat([pad(p.logprobs, 0.0) for p in parts])
     prompt_rows = [i // per_row for i in range(len(ids))]
     if args.tapo and args.tapo_anchor_only:  # score the positive's samples under the anchor (the paper's text)
         prompt_rows = [per_item * (i // G) for i in range(len(ids))]
+        sampler_logp[[i for i in range(len(ids)) if prompt_rows[i] != i // per_row]] = float("nan")
     texts = training.processor.decode(ids, mask)
     rewards, details = reward_fn(texts, [rec for rec in records for _ in range(G)],
                                  [k for k in range(len(records)) for _ in range(G)])
@@ -401,7 +443,7 @@ def rollout(records, first_index, items, training, ask, reward_fn, args, device,
     rewards = torch.tensor(rewards, dtype=torch.float32) + overlong_penalty(lengths, args.max_new_tokens,
                                                                            args.overlong_cache)
     r = Rollouts(prompts, prompt_rows, ids, mask, rewards, lengths, details, G,
-                 bad_images=sum(b for *_, b in loaded))
+                 bad_images=sum(b for *_, b in loaded), sampler_logp=sampler_logp)
     if args.tapo:
         r.neg_logp = negative_logprobs(r, [neg for _, _, neg, _ in loaded], questions[::per_item], training, args)
     return r
@@ -462,7 +504,7 @@ def update(r, adv, training, args, d, stats):
         cut = truncated(r.ids, r.lengths, args.max_new_tokens, training.processor.eos_token_ids)
         loss_mask = r.mask * ~cut[:, None]
     groups = list(range(r.n_groups))
-    for _ in range(args.num_iterations):
+    for it in range(args.num_iterations):
         for m in range(args.mini_batches):
             rows = r.rows_of(groups[m::args.mini_batches])
             micro = [rows[s:s + args.micro_batch_size] for s in range(0, len(rows), args.micro_batch_size)]
@@ -480,10 +522,17 @@ def update(r, adv, training, args, d, stats):
                     # on-policy (one update per rollout) the old log-probs are the current ones, detached:
                     # the ratio is exactly 1 and its gradient is ∇logp, i.e. REINFORCE with a group baseline
                     logp_old = old[idx, :keep] if old is not None else logp.detach()
+                    sampled = r.sampler_logp[idx, :keep]
+                    if it == 0:  # the first pass sees every row once, scored as the rollout correction sees it
+                        for k, v in sampler_gap(logp_old, sampled, mask).items():
+                            stats[k] += v
+                    weight = None if args.rollout_correction == "none" else rollout_weights(
+                        logp_old, sampled, mask, args.rollout_correction, args.rollout_correction_cap,
+                        args.rollout_correction_level)
                     ref_i = ref[idx, :keep] if ref is not None else None
                     tok, low, high = per_token_loss(logp, logp_old, adv[idx].to(logp.device), args.epsilon_low,
                                                     args.epsilon_high, args.beta, ref_i, loss=args.loss, mask=mask,
-                                                    kl=args.kl_estimator, entropy=entropy,
+                                                    weight=weight, kl=args.kl_estimator, entropy=entropy,
                                                     entropy_coef=args.entropy_coef)
                     if args.tapo:
                         extra, kl_neg = tapo_terms(logp, r.neg_logp[idx, :keep], args.gamma, args.eta)
@@ -509,7 +558,8 @@ def step_metrics(r, stats, d, seconds, tapo):
     s = rewards_lib.summarize(r.details)
     rw = r.rewards
     keys = ["reward", "reward_sq", "accuracy", "format", "length", "rows",
-            "loss", "kl", "entropy", "clip_low", "clip_high", "tapo_kl", "tokens"]
+            "loss", "kl", "entropy", "clip_low", "clip_high", "tapo_kl", "tokens",
+            "gap_abs", "gap_kl", "gap_outside", "gap_tokens"]
     local = [float(rw.sum()), float((rw ** 2).sum()), s["accuracy"] * len(rw), s["format"] * len(rw),
              float(r.lengths.float().sum()), float(len(rw))] + [stats[k] for k in keys[6:]]
     g = dict(zip(keys, all_reduce_sum(local, d.device)))
@@ -520,6 +570,8 @@ def step_metrics(r, stats, d, seconds, tapo):
            "loss": g["loss"] / d.world_size / max(stats["updates"], 1), "kl": g["kl"] / ntok,
            "entropy": g["entropy"] / ntok, "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok,
            "grad_norm": stats["grad_norm"], "tokens_per_s": g["length"] / max(seconds, 1e-9)}
+    gap_tokens = max(g["gap_tokens"], 1.0)  # the sampler/trainer gap: sampler_gap's sums as token means
+    row.update({f"sampler_{k}": g[k] / gap_tokens for k in ("gap_abs", "gap_kl", "gap_outside")})
     if tapo:
         row["tapo_kl"] = g["tapo_kl"] / ntok
     row.update({k: v for k, v in s.items() if k.startswith("cat/")})

@@ -40,7 +40,7 @@ def loop_ratio(logp, old, mask, i, t, loss_type):
 
 
 def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta, loss_type="grpo", mask=None, kl="k3",
-                    entropy=None, coef=0.0):
+                    weight=None, entropy=None, coef=0.0):
     """docs/methods.md §4 for one token, written out."""
     ratio = loop_ratio(logp, old, mask, i, t, loss_type)
     a = adv[i]
@@ -50,6 +50,8 @@ def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta, loss_typ
         loss = -(clipped.detach() * logp[i, t])
     else:
         loss = -torch.minimum(unclipped, clipped)
+    if weight is not None:
+        loss = loss * weight[i, t]
     if beta:
         loss = loss + beta * loop_kl(ref[i, t], logp[i, t], kl)
     if coef:
@@ -140,22 +142,23 @@ TEST_CLIPS = {"gspo": (0.05, 0.08), "gspo_token": (0.05, 0.08), "cispo": (1.0, 0
 @pytest.mark.parametrize("loss_type", grpo.LOSSES)
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
 def test_every_loss_and_term_matches_the_loop_off_policy_with_gradient_accumulation(loss_type, kl):
-    """Ratios away from 1, a KL estimator and an entropy bonus: the value and the gradients (log-probs and
-    entropies) against the loop."""
+    """Ratios away from 1, a KL estimator, a rollout-correction weight and an entropy bonus: the value and the
+    gradients (log-probs and entropies) against the loop."""
     logp, old, ref, adv, mask = off_policy_case()
     g = torch.Generator().manual_seed(5)
+    weight = torch.rand(mask.shape, generator=g) * 2  # as rollout_weights gives: >= 0, no gradient
     entropy = torch.rand(mask.shape, generator=g).requires_grad_()
     eps_low, eps_high = TEST_CLIPS.get(loss_type, (0.2, 0.28))
     micro, n_tokens = [[0, 1], [2, 3]], float(mask.sum())
     ours, reference = 0.0, 0.0
     for rows in micro:
         tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], eps_low, eps_high, 0.04, ref[rows],
-                                        loss=loss_type, mask=mask[rows], kl=kl,
+                                        loss=loss_type, mask=mask[rows], weight=weight[rows], kl=kl,
                                         entropy=entropy[rows], entropy_coef=0.01)
         ours = ours + grpo.aggregate(tok, mask[rows], loss_type, ga=2, l_max=7, n_tokens=n_tokens, world=1)
         reference = reference + loop_loss(logp[rows], old[rows], ref[rows], adv[rows], mask[rows], loss_type,
                                           eps_low=eps_low, eps_high=eps_high, beta=0.04, ga=2, l_max=7,
-                                          n_tokens=n_tokens, world=1, kl=kl,
+                                          n_tokens=n_tokens, world=1, kl=kl, weight=weight[rows],
                                           entropy=entropy[rows], coef=0.01)
     g_ours, g_ref = torch.autograd.grad(ours, (logp, entropy)), torch.autograd.grad(reference, (logp, entropy))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
@@ -213,6 +216,54 @@ def test_kl_estimators():
         expected = torch.stack([loop_kl(r, l, estimator) for r, l in zip(ref, logp)])
         torch.testing.assert_close(grpo.kl_penalty(ref, logp, estimator), expected)
     torch.testing.assert_close(grpo.kl_penalty(ref, logp, "k3"), grpo.k3(ref, logp))
+
+
+def sampler_case():
+    """Train-side and sampler log-probs of 3 ragged rows; row 2 was sampled under another prompt (NaN)."""
+    g = torch.Generator().manual_seed(4)
+    train = -torch.rand(3, 5, generator=g) * 3
+    sampler = train + torch.randn(3, 5, generator=g) * 0.3
+    sampler[2] = float("nan")
+    mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4])[:, None]).float()
+    return train, sampler, mask
+
+
+def test_sampler_gap_matches_loop():
+    train, sampler, mask = sampler_case()
+    gap = grpo.sampler_gap(train, sampler, mask)
+    d = [float(train[i, t] - sampler[i, t]) for i in range(3) for t in range(5) if mask[i, t] and i != 2]
+    assert gap["gap_tokens"] == len(d) == 7
+    assert abs(gap["gap_abs"] - sum(abs(x) for x in d)) < 1e-5
+    assert abs(gap["gap_kl"] - sum(math.exp(x) - x - 1 for x in d)) < 1e-6  # k3 of KL(π_sampler ‖ π_train)
+    assert gap["gap_outside"] == sum(not 0.8 <= math.exp(x) <= 1.25 for x in d) > 0
+
+
+@pytest.mark.parametrize("kind", ["tis", "mis"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_weights_match_loop(kind, level):
+    train, sampler, mask = sampler_case()
+    cap = 1.1
+    w = grpo.rollout_weights(train, sampler, mask, kind, cap, level).expand(3, 5)
+    for i in range(3):
+        rhos = [math.exp(train[i, t] - sampler[i, t]) if i != 2 else 1.0 for t in range(5) if mask[i, t]]
+        if level == "sequence":
+            rhos = [math.prod(rhos)] * len(rhos)
+        expected = [min(x, cap) if kind == "tis" else (x if x <= cap else 0.0) for x in rhos]
+        torch.testing.assert_close(w[i, :len(expected)], torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    assert (w[mask > 0] != 1).any() and (w[2] == 1).all()  # row 2's sampler log-probs unknown: no correction
+
+
+def test_rollout_correction_changes_nothing_when_sampler_and_trainer_agree():
+    logp, old, ref, adv, mask = random_case(3)
+    plain, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28, 0.04, ref)
+    plain_grad, = torch.autograd.grad(plain.sum(), logp)
+    for kind in ("tis", "mis"):
+        for level in ("token", "sequence"):
+            w = grpo.rollout_weights(old, old.clone(), mask, kind, 2.0, level)
+            assert (w == 1).all()
+            tok, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28, 0.04, ref, weight=w)
+            assert torch.equal(tok, plain.detach())
+            assert torch.equal(torch.autograd.grad(tok.sum(), logp)[0], plain_grad)
 
 
 def test_truncated_means_the_length_limit_without_an_eos():
@@ -350,6 +401,24 @@ def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
+def test_the_sampler_gap_is_logged_and_in_fp32_nothing_so_the_correction_changes_nothing(small_world, tmp_path):
+    """CPU, fp32: the sampler's log-probs (KV-cached decode) against the trainer's (one forward), on-policy
+    (the update's own) and off-policy (the old ones, --num_iterations 2): rounding apart, equal; so
+    --rollout_correction tis changes neither the step's metrics nor its weights."""
+    root, model = small_world
+    logs = {name: run(small_world, model, tmp_path / name, "--max_steps", "1", *flags)[0] for name, flags in {
+        "on_policy": [], "off_policy": ["--num_iterations", "2"], "tis": ["--rollout_correction", "tis"]}.items()}
+    for row in logs.values():
+        assert row["sampler_gap_abs"] <= 1e-5 and 0 <= row["sampler_gap_kl"] <= 1e-10, row
+        assert row["sampler_gap_outside"] == 0
+    plain, tis = logs["on_policy"], logs["tis"]
+    for k in ("loss", "kl", "entropy", "clip_low", "grad_norm"):
+        assert abs(plain[k] - tis[k]) <= 1e-5 * max(1.0, abs(plain[k])), k
+    a, b = final_weights(tmp_path / "on_policy"), final_weights(tmp_path / "tis")
+    for k in a:  # Adam's first step: see test_shared_prefix_update_equals_per_row
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
 def test_mask_truncated_and_the_entropy_bonus_reach_the_loss(small_world, tmp_path, monkeypatch):
     """--mask_truncated: the cut completions' tokens are left out of every term and count; --entropy_coef: the
     entropies come with their gradient."""
@@ -379,9 +448,10 @@ def test_mask_truncated_and_the_entropy_bonus_reach_the_loss(small_world, tmp_pa
 
 
 # DDP runs of the later losses: a second iteration (ratios away from 1), every new term
-LATER_DDP = {"gspo": ["--loss", "gspo", "--num_iterations", "2"],
+LATER_DDP = {"gspo": ["--loss", "gspo", "--num_iterations", "2", "--rollout_correction", "mis",
+                      "--rollout_correction_level", "sequence"],
              "cispo": ["--loss", "cispo", "--num_iterations", "2", "--kl_estimator", "k2", "--entropy_coef", "0.01",
-                       "--mask_truncated"]}
+                       "--rollout_correction", "tis", "--mask_truncated"]}
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "gspo", "cispo"])
