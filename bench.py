@@ -36,10 +36,11 @@ from tiny import build_tiny_model, real_shape_config
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
-def real_shape(name, tiny_dir, dtype, device):
-    """A random-weight Qwen2.5-VL of the real size, with the tiny model's tokenizer for the prompts."""
+def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=None):
+    """A random-weight Qwen2.5-VL of the real size (or its widths with fewer layers), with the tiny model's
+    tokenizer for the prompts."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir))
+    config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir), text_layers, vision_depth)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
