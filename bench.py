@@ -46,6 +46,33 @@ def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=Non
     return model.eval()
 
 
+def add_model_args(ap):
+    """The model and prompts a measurement runs on (`model_and_prompts`)."""
+    a = ap.add_argument
+    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    a("--model", default=None, help="a checkpoint folder instead of --shape")
+    a("--text_layers", type=int, default=None, help="decoder layers of a 3b / 7b shape (default: the real depth)")
+    a("--vision_depth", type=int, default=None, help="vision blocks of a 3b / 7b shape (default: the real depth)")
+    a("--image_size", type=int, default=56, help="square image side in pixels")
+
+
+def model_and_prompts(args, device, dtype):
+    """(model, processor, --prompts_per_call prompts on random images): --model, else a random-weight model of
+    --shape with the tiny model's tokenizer."""
+    import tempfile
+    tiny_dir = args.model or build_tiny_model(f"{tempfile.mkdtemp()}/tiny", seed=0, init_std=0.1)
+    if args.model is None and args.shape != "tiny":
+        model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers, args.vision_depth)
+    else:
+        model = vlm.load_model(tiny_dir, device, dtype)
+    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
+              for _ in range(args.prompts_per_call)]
+    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts_per_call)
+    return model, proc, batch.to(device)
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -106,9 +133,7 @@ def matmul_tflops(device, dtype):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
-    a("--model", default=None, help="a checkpoint folder instead of --shape")
-    a("--image_size", type=int, default=56, help="square image side in pixels")
+    add_model_args(ap)
     a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
     a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
     a("--skip_generate", action="store_true", help="do not time model.generate")
@@ -129,19 +154,7 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     seed_process(args.seed)
 
-    import tempfile
-    tmp = tempfile.mkdtemp()
-    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1)
-    if args.model is None and args.shape != "tiny":
-        model = real_shape(args.shape, tiny_dir, dtype, device)
-    else:
-        model = vlm.load_model(tiny_dir, device, args.dtype)
-    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
-              for _ in range(args.prompts_per_call)]
-    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts_per_call)
-    batch = batch.to(device)
+    model, proc, batch = model_and_prompts(args, device, dtype)
     P, G, N = args.prompts_per_call, args.num_samples, args.max_new_tokens
     n_gen = P * G * N
     rows = []

@@ -24,6 +24,6 @@ done
 python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
   --lora_r 64 --gradient_checkpointing --micro_batch_size 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"
 for lora in 64 0; do
-  python runs/sampler_gap.py --shape 7b --text_layers 28 --vision_depth 32 --dtype bf16 --lora_r $lora \
+  python runs/sampler_gap.py --shape 7b --dtype bf16 --lora_r $lora \
     --prompts_per_call 2 --num_samples 8 --max_new_tokens 256 --image_size 448 | tee "$OUT/sampler_gap_7b_lora$lora.txt"
 done

@@ -12,36 +12,28 @@ model's distribution.
 
     python runs/sampler_gap.py --dtype fp32                                       # the tiny model, CPU
     python runs/sampler_gap.py --shape 7b --text_layers 2 --vision_depth 2 --dtype bf16 --lora_r 8
-    python runs/sampler_gap.py --shape 7b --text_layers 2 --vision_depth 2 --dtype bf16 --device cuda
+    python runs/sampler_gap.py --shape 7b --dtype bf16 --device cuda                # full depth
 """
 
 import argparse
 import os
 import sys
-import tempfile
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm  # noqa: E402
-from bench import real_shape  # noqa: E402
+from bench import add_model_args, model_and_prompts  # noqa: E402
 from common import (add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype,  # noqa: E402
                     seed_process)
 from engine import sample_completions  # noqa: E402
 from grpo import sampler_gap  # noqa: E402
-from tiny import build_tiny_model  # noqa: E402
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
-    a("--model", default=None, help="a checkpoint folder instead of --shape")
-    a("--text_layers", type=int, default=2, help="decoder layers of a 3b / 7b shape")
-    a("--vision_depth", type=int, default=2, help="vision blocks of a 3b / 7b shape")
-    a("--image_size", type=int, default=56, help="square image side in pixels")
+    add_model_args(ap)
     a("--lora_r", type=int, default=0, help="LoRA rank, as grpo.py's (0: full fine-tuning)")
     add_sampling_args(ap, num_samples=4, prompts_per_call=4, max_new_tokens=32)
     add_runtime_args(ap)
@@ -53,18 +45,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     seed_process(args.seed)
-    tiny_dir = args.model or build_tiny_model(f"{tempfile.mkdtemp()}/tiny", seed=0, init_std=0.1)
-    if args.model is None and args.shape != "tiny":
-        model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers, args.vision_depth)
-    else:
-        model = vlm.load_model(tiny_dir, device, dtype)
+    model, proc, batch = model_and_prompts(args, device, dtype)
     vlm.configure_trainable(model, lora_r=args.lora_r, lora_dropout=0.0)  # dropout would be a gap of its own
-    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
-    rng = np.random.default_rng(args.seed)
     P, G = args.prompts_per_call, args.num_samples
-    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
-              for _ in range(P)]
-    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * P).to(device)
     bf16 = dtype == torch.bfloat16
     with vlm.autocast(device, bf16):  # as grpo.py's rollout and update
         model.eval()
