@@ -203,7 +203,8 @@ def test_cispo_clips_the_weight_not_the_gradient():
     logp = torch.zeros(2, 2, requires_grad=True)
     old = torch.tensor([[-0.5, 0.0], [0.5, 0.0]])  # ratios e^0.5 = 1.65 and e^-0.5 = 0.61
     adv = torch.tensor([1.0, -1.0])
-    tok, low, high = grpo.per_token_loss(logp, old, adv, *grpo.CLIP_DEFAULTS["cispo"][:1], 0.2, loss="cispo")
+    eps_low = grpo.CLIP_DEFAULTS["cispo"][0]  # the default: no lower clip
+    tok, low, high = grpo.per_token_loss(logp, old, adv, eps_low, 0.2, loss="cispo")
     grad, = torch.autograd.grad(tok.sum(), logp)
     # where PPO's clip gives no gradient, CISPO's gives A times the clipped weight: 1.2, or 0.61 (no lower clip)
     torch.testing.assert_close(grad, torch.tensor([[-1.2, -1.0], [math.exp(-0.5), 1.0]]))
