@@ -43,13 +43,58 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # de
 
 
 def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=None):
-    """A random-weight Qwen2.5-VL of the real size (optionally fewer layers per tower), with the tiny
-    model's tokenizer for the prompts."""
+    """A random-weight Qwen2.5-VL of the real size (or its widths with fewer layers), with the tiny model's
+    tokenizer for the prompts."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir), text_layers, vision_depth)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
+
+
+def add_model_args(ap):
+    """The model and prompts a measurement runs on (`model_and_prompts`)."""
+    a = ap.add_argument
+    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    a("--model", default=None, help="a checkpoint folder instead of --shape")
+    a("--text_layers", type=int, default=None, help="decoder layers of a 3b / 7b shape (default: the real depth)")
+    a("--vision_depth", type=int, default=None, help="vision blocks of a 3b / 7b shape (default: the real depth)")
+    a("--image_size", type=int, default=56, help="square image side in pixels")
+    a("--question", default="short", choices=["short", "listed"],
+      help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
+           "mining prompt), with a tiny tokenizer trained on the world's names")
+    a("--question_tokens", type=int, default=0,
+      help="lengthen the question to about this many tokens with a list of the toy world's class names (e.g. "
+           "100: a question with a class list, as Visual-RFT-style prompts have)")
+
+
+def model_and_prompts(args, device, dtype):
+    """(model, processor, --prompts_per_call prompts on random images): --model, else a random-weight model of
+    --shape with the tiny model's tokenizer."""
+    import tempfile
+
+    from data import prompts, toy
+    question = "What is the name of the object in this image? Think, then answer."
+    names = [c["name"] for c in toy.make_world(names="epithets")]
+    corpus = None
+    if args.question == "listed":
+        question = prompts.open_question("toy", names[:len(names) // 2])  # the base classes
+        corpus = names + [question]
+    tiny_dir = args.model or build_tiny_model(f"{tempfile.mkdtemp()}/tiny", seed=0, init_std=0.1, corpus=corpus)
+    if args.model is None and args.shape != "tiny":
+        model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers, args.vision_depth)
+    else:
+        model = vlm.load_model(tiny_dir, device, dtype)
+    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
+    listed = []
+    while args.question_tokens and len(proc.tokenizer(question)["input_ids"]) < args.question_tokens and names:
+        listed.append(names.pop(0))
+        question = prompts.open_question("toy", listed)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
+              for _ in range(args.prompts_per_call)]
+    batch = proc.encode(images, [question] * args.prompts_per_call)
+    return model, proc, batch.to(device)
 
 
 def sync(device):
@@ -137,9 +182,7 @@ def matmul_tflops(device, dtype):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
-    a("--model", default=None, help="a checkpoint folder instead of --shape")
-    a("--image_size", type=int, default=56, help="square image side in pixels")
+    add_model_args(ap)
     a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
     a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
     a("--skip_generate", action="store_true", help="do not time model.generate")
@@ -148,14 +191,6 @@ def parse_args(argv=None):
     a("--lora_r", type=int, default=0, help="update with LoRA adapters of this rank, set up as grpo.py does "
                                             "(0: every weight trains, in the model's dtype)")
     a("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
-    a("--question", default="short", choices=["short", "listed"],
-      help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
-           "mining prompt, ~250 tokens), with a tiny tokenizer trained on the world's names")
-    a("--question_tokens", type=int, default=0,
-      help="lengthen the question to about this many tokens with a list of the toy world's class names (e.g. "
-           "100: a question with a class list, as Visual-RFT-style prompts have)")
-    a("--text_layers", type=int, default=0, help="3b / 7b shapes: decoder layers (0: the real depth)")
-    a("--vision_depth", type=int, default=0, help="3b / 7b shapes: vision blocks (0: the real depth)")
     add_sampling_args(ap, num_samples=8, prompts_per_call=8, max_new_tokens=64)  # EOS disabled: every token counts
     add_runtime_args(ap)
     return ap.parse_args(argv)
@@ -169,32 +204,7 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     seed_process(args.seed)
 
-    import tempfile
-    tmp = tempfile.mkdtemp()
-    question = "What is the name of the object in this image? Think, then answer."
-    corpus = None
-    if args.question == "listed":
-        from data import prompts, toy
-        classes = toy.make_world(names="epithets")
-        question = prompts.open_question("toy", [c["name"] for c in classes if c["base"]])
-        corpus = [c["name"] for c in classes] + [question]
-    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1, corpus=corpus)
-    if args.model is None and args.shape != "tiny":
-        model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers or None, args.vision_depth or None)
-    else:
-        model = vlm.load_model(tiny_dir, device, args.dtype)
-    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
-    if args.question_tokens:
-        from data import prompts, toy
-        names, listed = [c["name"] for c in toy.make_world(names="epithets")], []
-        while names and len(proc.tokenizer(question)["input_ids"]) < args.question_tokens:
-            listed.append(names.pop(0))
-            question = prompts.open_question("toy", listed)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
-              for _ in range(args.prompts_per_call)]
-    batch = proc.encode(images, [question] * args.prompts_per_call)
-    batch = batch.to(device)
+    model, proc, batch = model_and_prompts(args, device, dtype)
     P, G, N = args.prompts_per_call, args.num_samples, args.max_new_tokens
     n_gen = P * G * N
     rows = []

@@ -6,8 +6,11 @@ One step (the formulas: docs/methods.md §4):
                DAPO: overlong shaping, and dynamic sampling replaces groups whose rewards are all equal;
   2. advantage A_i = (R_i - mean_g R) / (std_g R + 1e-4) within each group of G (--scale_rewards);
   3. update    ℓ_t = -min(r_t A, clip(r_t, 1-ε_low, 1+ε_high) A) + β k3_t, aggregated per --loss
-               (grpo | bnpo | dr_grpo | dapo) over micro-batches, --num_iterations times per rollout;
-               the KL reference is the starting policy (LoRA: the same weights with the adapters off).
+               (grpo | bnpo | dr_grpo | dapo) over micro-batches, --num_iterations times per rollout; GSPO
+               (gspo, gspo_token) clips a sequence ratio instead, CISPO (cispo) weighs REINFORCE by the
+               clipped token ratio; the KL reference is the starting policy (LoRA: the same weights with the
+               adapters off); the sampler's log-probs against the trainer's (the gap) are logged and, with
+               --rollout_correction, weigh the loss.
 TAPO (--tapo, docs/methods.md §5): half of each group samples on the anchor image, half on a positive of
 the same class, one advantage group; each rollout is scored under its own image (or the anchor's:
 --tapo_anchor_only); the loss adds -γ·KL(π(·|x*) ‖ π(·|x_neg)) against a look-alike negative image and
@@ -35,7 +38,7 @@ import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
                     epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
-                    positive_int, print0, progress, rng_of, seed_process, warn_large_images)
+                    positive_float, positive_int, print0, progress, rng_of, seed_process, warn_large_images)
 from data.prompts import question_for
 from data.records import (ImageError, check_triplets, class_names, load_classes, load_image, read_records,
                           require_fields)
@@ -56,11 +59,27 @@ def parse_args(argv=None):
     a("--verifier_model", default=None, help="LLM verifier for specificity rewards (default: taxonomy verifier)")
     a("--verifier_cache", default=None, help="SQLite cache of LLM verdicts (default OUT/verifier_cache.sqlite)")
     # the GRPO family
-    a("--loss", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"], help="aggregation (docs/methods.md §4)")
+    a("--loss", default="grpo", choices=LOSSES,
+      help="surrogate and aggregation (docs/methods.md §4): grpo | bnpo | dr_grpo | dapo (PPO's clipped token ratio), "
+           "gspo | gspo_token (GSPO's sequence ratio), cispo (REINFORCE weighted by the clipped token ratio)")
     a("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage normalisation")
-    a("--beta", type=nonnegative_float, default=0.04, help="KL coefficient (k3 estimator against the starting policy)")
-    a("--epsilon_low", type=fraction, default=0.2, help="lower clip of the ratio: 1 - ε_low")
-    a("--epsilon_high", type=nonnegative_float, default=0.2, help="upper clip: 1 + ε_high (DAPO's clip-higher: 0.28)")
+    a("--beta", type=nonnegative_float, default=0.04, help="KL coefficient (against the starting policy)")
+    a("--kl_estimator", default="k3", choices=["k1", "k2", "k3"],
+      help="the KL term's per-token estimator (Schulman): k1 = logp - ref, k2 = (logp - ref)²/2, k3 (unbiased, >= 0)")
+    a("--epsilon_low", type=fraction, default=None,
+      help="lower clip of the ratio: 1 - ε_low (default: the loss's paper: 0.2; gspo 3e-4; cispo: no lower clip)")
+    a("--epsilon_high", type=nonnegative_float, default=None,
+      help="upper clip: 1 + ε_high (default: the loss's paper: 0.2; gspo 4e-4; cispo 4, a weight cap of 5; "
+           "DAPO's clip-higher: 0.28)")
+    a("--entropy_coef", type=nonnegative_float, default=0.0, help="entropy bonus: -c·H_t added to each token's loss")
+    a("--mask_truncated", action="store_true",
+      help="DAPO's overlong filtering: completions that reach --max_new_tokens without an EOS get no loss")
+    a("--rollout_correction", default="none", choices=["none", "tis", "mis"],
+      help="weigh each token's policy loss by ρ = π_train/π_sampler (stop-gradient), the sampler/trainer gap's "
+           "importance weight: tis = min(ρ, cap) (truncated), mis = ρ, or 0 over the cap (masked)")
+    a("--rollout_correction_cap", type=positive_float, default=2.0, help="the cap C of --rollout_correction")
+    a("--rollout_correction_level", default="token", choices=["token", "sequence"],
+      help="ρ per token, or per sequence (the product of its tokens' ratios)")
     a("--num_iterations", type=positive_int, default=1,
       help="updates per rollout (old log-probs stored when > 1)")
     a("--mini_batches", type=positive_int, default=1,
@@ -89,7 +108,11 @@ def parse_args(argv=None):
     add_sampling_args(ap, num_samples=4, prompts_per_call=8, max_new_tokens=256)
     add_image_args(ap)
     add_runtime_args(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    low, high = CLIP_DEFAULTS.get(args.loss, (0.2, 0.2))  # a clip not given is its loss's paper's
+    args.epsilon_low = low if args.epsilon_low is None else args.epsilon_low
+    args.epsilon_high = high if args.epsilon_high is None else args.epsilon_high
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,17 +147,62 @@ def k3(ref_logp, logp):
     return torch.exp(d) - d - 1
 
 
-def per_token_loss(logp, old_logp, adv, eps_low, eps_high, beta=0.0, ref_logp=None):
-    """ℓ_t = -min(r A, clip(r, 1-ε_low, 1+ε_high) A) + β k3, r = exp(logp - old_logp). Also the clip masks."""
-    ratio = torch.exp(logp - old_logp)
+LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo"]
+# (ε_low, ε_high) when the flags are not given, from each loss's paper: GRPO's 0.2 for the PPO-style token
+# losses; GSPO's 3e-4 / 4e-4 (a length-normalised sequence ratio moves far less than a token's); CISPO no lower
+# clip (1 - 1 = 0, below any ratio) and a weight cap of 1 + 4 = 5 (MiniMax-M1 publishes none; ScaleRL's ε_max)
+CLIP_DEFAULTS = {"gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
+# the aggregation of each later loss's paper: GSPO averages per-sequence losses (grpo's row mean: its
+# per-token loss is constant along a row), CISPO takes the token mean of the step (dapo's)
+AGGREGATION = {"gspo": "grpo", "gspo_token": "grpo", "cispo": "dapo"}
+
+
+def kl_penalty(ref_logp, logp, estimator="k3"):
+    """Schulman's estimators of KL(π ‖ π_ref) on tokens drawn from π, with d = ref - logp: k1 = -d (unbiased,
+    can be negative), k2 = d²/2 (biased, low variance; its gradient is that of the KL), k3 = e^d - d - 1."""
+    if estimator == "k3":
+        return k3(ref_logp, logp)
+    d = ref_logp - logp
+    return -d if estimator == "k1" else 0.5 * d ** 2
+
+
+def policy_ratio(logp, old_logp, mask, loss):
+    """The importance ratio the surrogate clips. Per token r_t = exp(logp_t - old_t); GSPO's per sequence
+    s_i = exp(mean_t m_t (logp_t - old_t)), (N, 1); GSPO-token's sg(s_i)·exp(logp_t - sg(logp_t)): the value of
+    s_i on every token, the gradient s_i·∇logp_t of each token alone."""
+    if loss not in ("gspo", "gspo_token"):
+        return torch.exp(logp - old_logp)
+    s = torch.exp(((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1))
+    return s if loss == "gspo" else s.detach() * torch.exp(logp - logp.detach())
+
+
+def policy_loss(logp, old_logp, adv, eps_low, eps_high, loss="grpo", mask=None):
+    """The surrogate's per-token loss, and where its clip acts (low, high). PPO-style (every loss but cispo,
+    with its ratio ρ): -min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A), clipped where the min takes the clipped term
+    (its gradient is then 0). CISPO: -sg(clip(r_t, 1-ε_low, 1+ε_high))·A·logp_t, REINFORCE with the clipped
+    ratio as a weight: no token loses its gradient; low/high say where the weight was clipped."""
+    ratio = policy_ratio(logp, old_logp, mask, loss)
     a = adv[:, None]
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
-    loss = -torch.min(ratio * a, clipped * a)
+    low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
+    if loss == "cispo":
+        return -clipped.detach() * a * logp, low, high
+    return -torch.min(ratio * a, clipped * a), low & (a < 0), high & (a > 0)
+
+
+def per_token_loss(logp, old_logp, adv, eps_low, eps_high, beta=0.0, ref_logp=None, *, loss="grpo", mask=None,
+                   weight=None, kl="k3", entropy=None, entropy_coef=0.0):
+    """ℓ_t = w_t·policy_t + β·KL_t - c·H_t: the surrogate of `loss` (policy_loss; default PPO's on the token ratio
+    r = exp(logp - old_logp)), weighted by the rollout correction's stop-gradient w (None: 1), the KL
+    estimator `kl` against ref_logp, the entropy bonus. Also the clip masks."""
+    loss_t, low, high = policy_loss(logp, old_logp, adv, eps_low, eps_high, loss, mask)
+    if weight is not None:
+        loss_t = loss_t * weight
     if beta:
-        loss = loss + beta * k3(ref_logp, logp)
-    low = (ratio < 1 - eps_low) & (a < 0)    # the clip is active on these tokens
-    high = (ratio > 1 + eps_high) & (a > 0)
-    return loss, low, high
+        loss_t = loss_t + beta * kl_penalty(ref_logp, logp, kl)
+    if entropy_coef:
+        loss_t = loss_t - entropy_coef * entropy
+    return loss_t, low, high
 
 
 def tapo_terms(logp, neg_logp, gamma, eta, delta_clamp=20.0, kl_clamp=10.0):
@@ -148,6 +216,7 @@ def tapo_terms(logp, neg_logp, gamma, eta, delta_clamp=20.0, kl_clamp=10.0):
 def aggregate(token_loss, mask, loss_type, *, ga, l_max, n_tokens, world):
     """docs/methods.md §4. ga: micro-batches per optimizer step on this rank; n_tokens: completion tokens
     of the whole optimizer step over all ranks (dapo); gradients are then averaged over `world` ranks."""
+    loss_type = AGGREGATION.get(loss_type, loss_type)
     total = (token_loss * mask).sum()
     if loss_type == "grpo":
         return ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() / ga
@@ -160,6 +229,39 @@ def aggregate(token_loss, mask, loss_type, *, ga, l_max, n_tokens, world):
         # so the step's gradient is that of the token mean over all ranks and micro-batches
         return total / (n_tokens / world)
     raise ValueError(loss_type)
+
+
+# The sampler (engine.py: KV-cached decode steps) and the trainer (vlm.sequence_logprobs: one forward) compute
+# the same log-probs with other kernels: equal in fp32 to rounding, not in bf16. `train_logp` is the first
+# pass's (the old log-probs, else the first update's own); a sampler log-prob of NaN is unknown (a row scored
+# under another prompt than it was sampled from: TAPO anchor-only).
+
+def sampler_gap(train_logp, sampler_logp, mask):
+    """Sums over the tokens of `mask` whose sampler log-prob is known: |logp_train - logp_sampler|, k3 of
+    KL(π_sampler ‖ π_train) (the tokens were drawn from the sampler), the tokens whose ratio π_train/π_sampler is
+    outside [0.8, 1.25] (|log ρ| > log 1.25), and their count."""
+    known = (mask > 0) & torch.isfinite(sampler_logp)
+    d = torch.where(known, train_logp.detach() - sampler_logp, 0.0).double()  # k3 ≈ d²/2: fp32 loses it
+    return {"gap_abs": float(d.abs().sum()), "gap_kl": float((torch.expm1(d) - d).sum()),
+            "gap_outside": float((d.abs() > math.log(1.25)).sum()), "gap_tokens": float(known.sum())}
+
+
+def rollout_weights(train_logp, sampler_logp, mask, kind, cap, level="token"):
+    """The rollout correction's weight on each token's policy loss, without gradient: ρ = π_train/π_sampler per
+    token, or per sequence exp(Σ_t m_t log ρ_t); tis: min(ρ, cap); mis: ρ up to the cap, 0 above. A token whose
+    sampler log-prob is unknown counts as ρ = 1."""
+    log_rho = torch.where(torch.isfinite(sampler_logp), train_logp.detach() - sampler_logp, 0.0) * mask
+    if level == "sequence":
+        log_rho = log_rho.sum(1, keepdim=True)
+    rho = torch.exp(log_rho)
+    return rho.clamp(max=cap) if kind == "tis" else torch.where(rho <= cap, rho, 0.0)
+
+
+def truncated(ids, lengths, max_new_tokens, eos_ids):
+    """Completions cut by the length limit: all max_new_tokens tokens and the last one no EOS."""
+    lengths = lengths.to(ids.device).long()
+    last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return (lengths >= max_new_tokens) & ~torch.isin(last, torch.tensor(eos_ids, device=ids.device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,6 +336,9 @@ class Rollouts:
     group_size: int
     neg_logp: torch.Tensor | None = None  # TAPO: (N, L) log-probs of each completion under the negative image
     bad_images: int = 0
+    # (N, L) each token's log-prob under the sampler (engine.py), against which the trainer's are compared;
+    # NaN on a row scored under another prompt than it was sampled from (TAPO anchor-only)
+    sampler_logp: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.prompt_rows)
@@ -256,7 +361,7 @@ class Rollouts:
         pick = lambda t: None if t is None else t[rows]
         return Rollouts(self.prompts, [self.prompt_rows[i] for i in rows], self.ids[rows], self.mask[rows],
                         self.rewards[rows], self.lengths[rows], [self.details[i] for i in rows], self.group_size,
-                        pick(self.neg_logp), self.bad_images)
+                        pick(self.neg_logp), self.bad_images, pick(self.sampler_logp))
 
     @staticmethod
     def cat(parts):
@@ -268,14 +373,15 @@ class Rollouts:
         offsets = [0]
         for p in parts[:-1]:
             offsets.append(offsets[-1] + len(p.prompts))
-        negs = [p.neg_logp for p in parts]
+        negs, sampled = [p.neg_logp for p in parts], [p.sampler_logp for p in parts]
         return Rollouts(vlm.PromptBatch.cat([p.prompts for p in parts]),
                         [o + r for o, p in zip(offsets, parts) for r in p.prompt_rows],
                         torch.cat([pad(p.ids) for p in parts]), torch.cat([pad(p.mask) for p in parts]),
                         torch.cat([p.rewards for p in parts]), torch.cat([p.lengths for p in parts]),
                         [x for p in parts for x in p.details], parts[0].group_size,
                         None if negs[0] is None else torch.cat([pad(n) for n in negs]),
-                        sum(p.bad_images for p in parts))
+                        sum(p.bad_images for p in parts),
+                        None if sampled[0] is None else torch.cat([pad(x) for x in sampled]))
 
 
 def used_columns(mask):
@@ -326,9 +432,11 @@ def rollout(records, first_index, items, training, ask, reward_fn, args, device,
     pad = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)
     ids = torch.cat([pad(p.completion_ids, training.processor.pad_token_id) for p in parts])
     mask = torch.cat([pad(p.completion_mask, 0) for p in parts])
+    sampler_logp = torch.cat([pad(p.logprobs, 0.0) for p in parts])
     prompt_rows = [i // per_row for i in range(len(ids))]
     if args.tapo and args.tapo_anchor_only:  # score the positive's samples under the anchor (the paper's text)
         prompt_rows = [per_item * (i // G) for i in range(len(ids))]
+        sampler_logp[[i for i in range(len(ids)) if prompt_rows[i] != i // per_row]] = float("nan")
     texts = training.processor.decode(ids, mask)
     rewards, details = reward_fn(texts, [rec for rec in records for _ in range(G)],
                                  [k for k in range(len(records)) for _ in range(G)])
@@ -336,7 +444,7 @@ def rollout(records, first_index, items, training, ask, reward_fn, args, device,
     rewards = torch.tensor(rewards, dtype=torch.float32) + overlong_penalty(lengths, args.max_new_tokens,
                                                                            args.overlong_cache)
     r = Rollouts(prompts, prompt_rows, ids, mask, rewards, lengths, details, G,
-                 bad_images=sum(b for *_, b in loaded))
+                 bad_images=sum(b for *_, b in loaded), sampler_logp=sampler_logp)
     if args.tapo:
         r.neg_logp = negative_logprobs(r, [neg for _, _, neg, _ in loaded], questions[::per_item], training, args)
     return r
@@ -392,41 +500,55 @@ def update(r, adv, training, args, d, stats):
     off_policy = args.num_iterations > 1 or args.mini_batches > 1
     old = score(training.policy, r.prompts, r.prompt_rows, r.ids, r.mask, args, training.bf16) if off_policy else None
     ref = reference_logprobs(r, training, args) if args.beta else None
+    loss_mask = r.mask  # DAPO's overlong filtering: a completion the length limit cut has no loss, no token counted
+    if args.mask_truncated:
+        cut = truncated(r.ids, r.lengths, args.max_new_tokens, training.processor.eos_token_ids)
+        loss_mask = r.mask * ~cut[:, None]
     groups = list(range(r.n_groups))
-    for _ in range(args.num_iterations):
+    for it in range(args.num_iterations):
         for m in range(args.mini_batches):
             rows = r.rows_of(groups[m::args.mini_batches])
             micro = [rows[s:s + args.micro_batch_size] for s in range(0, len(rows), args.micro_batch_size)]
-            n_tokens = all_reduce_sum([float(r.mask[rows].sum())], d.device)[0]  # dapo's normaliser
+            n_tokens = max(all_reduce_sum([float(loss_mask[rows].sum())], d.device)[0], 1.0)  # dapo's normaliser
             for i, idx in enumerate(micro):
                 keep = used_columns(r.mask[idx])  # trim the right padding this micro-batch does not use
-                ids, mask = r.ids[idx, :keep], r.mask[idx, :keep]
+                ids, mask, lmask = r.ids[idx, :keep], r.mask[idx, :keep], loss_mask[idx, :keep]
                 sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
                 with (contextlib.nullcontext() if sync else training.trainable.no_sync()), \
                         vlm.autocast(d.device, training.bf16):
                     logp, entropy = training.trainable(r.prompts, ids, mask, [r.prompt_rows[j] for j in idx],
                                                        temperature=args.temperature, return_entropy=True,
+                                                       entropy_grad=args.entropy_coef > 0,
                                                        shared_prefix=args.prefix_forward == "shared")
                     # on-policy (one update per rollout) the old log-probs are the current ones, detached:
                     # the ratio is exactly 1 and its gradient is ∇logp, i.e. REINFORCE with a group baseline
                     logp_old = old[idx, :keep] if old is not None else logp.detach()
+                    sampled = r.sampler_logp[idx, :keep] if r.sampler_logp is not None else torch.full_like(mask, math.nan)
+                    if it == 0:  # the first pass sees every row once, scored as the rollout correction sees it
+                        for k, v in sampler_gap(logp_old, sampled, mask).items():
+                            stats[k] += v
+                    weight = None if args.rollout_correction == "none" else rollout_weights(
+                        logp_old, sampled, mask, args.rollout_correction, args.rollout_correction_cap,
+                        args.rollout_correction_level)
                     ref_i = ref[idx, :keep] if ref is not None else None
                     tok, low, high = per_token_loss(logp, logp_old, adv[idx].to(logp.device), args.epsilon_low,
-                                                    args.epsilon_high, args.beta, ref_i)
+                                                    args.epsilon_high, args.beta, ref_i, loss=args.loss, mask=mask,
+                                                    weight=weight, kl=args.kl_estimator, entropy=entropy,
+                                                    entropy_coef=args.entropy_coef)
                     if args.tapo:
                         extra, kl_neg = tapo_terms(logp, r.neg_logp[idx, :keep], args.gamma, args.eta)
                         tok = tok + extra
-                        stats["tapo_kl"] += float((kl_neg.detach() * mask).sum())
-                    loss = aggregate(tok, mask, args.loss, ga=len(micro), l_max=args.max_new_tokens,
+                        stats["tapo_kl"] += float((kl_neg.detach() * lmask).sum())
+                    loss = aggregate(tok, lmask, args.loss, ga=len(micro), l_max=args.max_new_tokens,
                                      n_tokens=n_tokens, world=d.world_size)
                 loss.backward()
                 stats["loss"] += float(loss.detach())
-                stats["tokens"] += float(mask.sum())
-                stats["entropy"] += float((entropy * mask).sum())
-                stats["clip_low"] += float((low * mask).sum())
-                stats["clip_high"] += float((high * mask).sum())
+                stats["tokens"] += float(lmask.sum())
+                stats["entropy"] += float((entropy.detach() * lmask).sum())
+                stats["clip_low"] += float((low * lmask).sum())
+                stats["clip_high"] += float((high * lmask).sum())
                 if ref_i is not None:
-                    stats["kl"] += float((k3(ref_i, logp.detach()) * mask).sum())
+                    stats["kl"] += float((k3(ref_i, logp.detach()) * lmask).sum())
             stats["grad_norm"] = training.optimizer_step()
             stats["skipped_updates"] += not math.isfinite(stats["grad_norm"])
             stats["updates"] += 1
@@ -437,7 +559,8 @@ def step_metrics(r, stats, d, seconds, tapo):
     s = rewards_lib.summarize(r.details)
     rw = r.rewards
     keys = ["reward", "reward_sq", "accuracy", "format", "length", "rows",
-            "loss", "kl", "entropy", "clip_low", "clip_high", "tapo_kl", "tokens"]
+            "loss", "kl", "entropy", "clip_low", "clip_high", "tapo_kl", "tokens",
+            "gap_abs", "gap_kl", "gap_outside", "gap_tokens"]
     local = [float(rw.sum()), float((rw ** 2).sum()), s["accuracy"] * len(rw), s["format"] * len(rw),
              float(r.lengths.float().sum()), float(len(rw))] + [stats[k] for k in keys[6:]]
     g = dict(zip(keys, all_reduce_sum(local, d.device)))
@@ -448,6 +571,8 @@ def step_metrics(r, stats, d, seconds, tapo):
            "loss": g["loss"] / d.world_size / max(stats["updates"], 1), "kl": g["kl"] / ntok,
            "entropy": g["entropy"] / ntok, "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok,
            "grad_norm": stats["grad_norm"], "tokens_per_s": g["length"] / max(seconds, 1e-9)}
+    gap_tokens = max(g["gap_tokens"], 1.0)  # the sampler/trainer gap: sampler_gap's sums as token means
+    row.update({f"sampler_{k}": g[k] / gap_tokens for k in ("gap_abs", "gap_kl", "gap_outside")})
     if tapo:
         row["tapo_kl"] = g["tapo_kl"] / ntok
     row.update({k: v for k, v in s.items() if k.startswith("cat/")})

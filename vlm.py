@@ -282,14 +282,15 @@ def text_generator(model, processor, max_new_tokens=16, batch_size=32):
 # ----------------------------------------------------------------------------------------------------
 # scoring: per-token log-probs of given completions
 
-def _token_logprobs(hidden, weight, targets, temperature, want_entropy):
+def _token_logprobs(hidden, weight, targets, temperature, want_entropy, entropy_grad=False):
     logits = F.linear(hidden, weight).float() / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     if not want_entropy:
         return logp, torch.zeros_like(logp)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy.detach()
+    # detached unless a loss term needs it: its backward keeps one more chunk of probabilities
+    return logp, entropy if entropy_grad else entropy.detach()
 
 
 def completion_lengths(mask):
@@ -406,7 +407,7 @@ def completion_hidden_states(model, batch, completion_ids, completion_mask, prom
 
 
 def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_rows=None, temperature=1.0,
-                      chunk_size=1024, return_entropy=False, shared_prefix=True):
+                      chunk_size=1024, return_entropy=False, shared_prefix=True, entropy_grad=False):
     """log softmax(logits / T)[o_t] of each completion token, from one forward over prompts and completions.
 
     Completion i continues prompt row `prompt_rows[i]` of `batch` (default: row i). With `shared_prefix`
@@ -414,7 +415,8 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_r
     once per completion, the reference it is tested against (`completion_hidden_states`). The vocabulary
     projection runs over chunks of `chunk_size` positions, each under activation checkpointing when
     gradients are on, so only one chunk of (rows × chunk × vocab) fp32 logits exists at a time, in the
-    forward and in the backward. Returns (N, L) log-probs [and entropies].
+    forward and in the backward. Returns (N, L) log-probs [and entropies: with `entropy_grad`, with their
+    gradient (an entropy bonus), else detached].
     """
     L = completion_ids.shape[1]
     hidden = completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows, shared_prefix)
@@ -422,7 +424,7 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_r
     logps, entropies = [], []
     for s in range(0, L, chunk_size):
         args = (hidden[:, s:s + chunk_size], weight, completion_ids[:, s:s + chunk_size], temperature,
-                return_entropy)
+                return_entropy, entropy_grad)
         if torch.is_grad_enabled():
             lp, ent = torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False)
         else:
@@ -451,11 +453,12 @@ class Policy(nn.Module):
         return self.vlm.config
 
     def forward(self, batch=None, completion_ids=None, completion_mask=None, prompt_rows=None, temperature=1.0,
-                return_entropy=False, shared_prefix=True, **lm_kwargs):
+                return_entropy=False, shared_prefix=True, entropy_grad=False, **lm_kwargs):
         if batch is None:
             return self.vlm(**lm_kwargs)
         return sequence_logprobs(self.vlm, batch, completion_ids, completion_mask, prompt_rows=prompt_rows,
-                                 temperature=temperature, return_entropy=return_entropy, shared_prefix=shared_prefix)
+                                 temperature=temperature, return_entropy=return_entropy, shared_prefix=shared_prefix,
+                                 entropy_grad=entropy_grad)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
 # 2. bench.py at GRPO shapes, 3B and 7B (random weights, bf16, 32 prompts x 8 x 256 tokens, 448 px):
 #    sampler vs model.generate, decode vs the memory bandwidth, update MFU, projected recipe hours
 # 3. does GRPO with LoRA on the 7B shape (G 8, 1024 new tokens, gradient checkpointing) fit? its peak
+# 4. the sampler/trainer gap grpo.py logs (runs/sampler_gap.py), 7B at full depth in bf16 under autocast as
+#    training runs it: LoRA r64 (bf16 base) and full fine-tuning (fp32 master weights)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -21,3 +23,7 @@ for shape in 3b 7b; do
 done
 python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
   --lora_r 64 --gradient_checkpointing --micro_batch_size 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"
+for lora in 64 0; do
+  python runs/sampler_gap.py --shape 7b --dtype bf16 --lora_r $lora \
+    --prompts_per_call 2 --num_samples 8 --max_new_tokens 256 --image_size 448 | tee "$OUT/sampler_gap_7b_lora$lora.txt"
+done

@@ -19,20 +19,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------------------------------
 # formulas
 
-def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta):
+def loop_kl(ref, logp, estimator):
+    """Schulman's estimators of KL(π ‖ π_ref) for one token drawn from π, d = log π_ref/π."""
+    d = ref - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return d * d / 2
+    return torch.exp(d) - d - 1
+
+
+def loop_ratio(logp, old, mask, i, t, loss_type):
+    """The ratio token t of row i is clipped on: its own, or (GSPO) its sequence's from a loop over the row."""
+    if loss_type not in ("gspo", "gspo_token"):
+        return torch.exp(logp[i, t] - old[i, t])
+    tokens = [u for u in range(mask.shape[1]) if mask[i, u]]
+    s = torch.exp(sum(logp[i, u] - old[i, u] for u in tokens) / len(tokens))
+    # GSPO-token: s_i's value, the gradient of π_θ(o_t)/sg(π_θ(o_t)) times s_i
+    return s if loss_type == "gspo" else s.detach() * torch.exp(logp[i, t] - logp[i, t].detach())
+
+
+def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta, loss_type="grpo", mask=None, kl="k3",
+                    weight=None, entropy=None, coef=0.0):
     """docs/methods.md §4 for one token, written out."""
-    ratio = torch.exp(logp[i, t] - old[i, t])
+    ratio = loop_ratio(logp, old, mask, i, t, loss_type)
     a = adv[i]
     unclipped = ratio * a
     clipped = min(max(ratio, torch.tensor(1 - eps_low)), torch.tensor(1 + eps_high)) * a
-    loss = -torch.minimum(unclipped, clipped)
+    if loss_type == "cispo":  # REINFORCE, the clipped ratio a constant weight
+        loss = -(clipped.detach() * logp[i, t])
+    else:
+        loss = -torch.minimum(unclipped, clipped)
+    if weight is not None:
+        loss = loss * weight[i, t]
     if beta:
-        d = ref[i, t] - logp[i, t]
-        loss = loss + beta * (torch.exp(d) - d - 1)
+        loss = loss + beta * loop_kl(ref[i, t], logp[i, t], kl)
+    if coef:
+        loss = loss - coef * entropy[i, t]
     return loss
 
 
-def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, ga, l_max, n_tokens, world):
+def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, ga, l_max, n_tokens, world, **extra):
     """The aggregation of docs/methods.md §4, one token at a time."""
     B, L = mask.shape
     total, count, rows = 0.0, 0.0, []
@@ -40,11 +67,11 @@ def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, 
         row_sum, row_count = 0.0, 0.0
         for t in range(L):
             if mask[i, t]:
-                l = loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta)
+                l = loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta, loss_type, mask, **extra)
                 row_sum, row_count = row_sum + l, row_count + 1
         rows.append(row_sum / max(row_count, 1))
         total, count = total + row_sum, count + row_count
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "gspo", "gspo_token"):  # GSPO: the mean of the sequences' losses
         return sum(rows) / B / ga
     if loss_type == "bnpo":
         return total / count / ga
@@ -96,6 +123,154 @@ def test_dapo_over_two_ranks_is_the_token_mean_of_the_whole_step():
     tok, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28)
     token_mean = (tok * mask).sum() / mask.sum()
     torch.testing.assert_close(ddp, torch.autograd.grad(token_mean, logp)[0], atol=1e-7, rtol=1e-6)
+
+
+def off_policy_case():
+    """random_case with its rows' mean log-ratios set to -0.3, 0.02, 0.3, -0.01 (as a later iteration or
+    mini-batch has them) and advantages chosen so that a clip of ±0.05 acts on rows 0 (low) and 2 (high)."""
+    logp, old, ref, adv, mask = random_case(2)
+    spread = old - logp.detach()
+    spread = spread - ((spread * mask).sum(1) / mask.sum(1))[:, None]  # each row's mean removed
+    old = logp.detach() - torch.tensor([-0.3, 0.02, 0.3, -0.01])[:, None] + spread
+    return logp, old, ref, torch.tensor([-1.0, 0.5, 2.0, -0.7]), mask
+
+
+# clips for the tests: GSPO's must be small, a sequence ratio moving little; CISPO's default has no lower clip
+TEST_CLIPS = {"gspo": (0.05, 0.08), "gspo_token": (0.05, 0.08), "cispo": (1.0, 0.2)}
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSSES)
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+def test_every_loss_and_term_matches_the_loop_off_policy_with_gradient_accumulation(loss_type, kl):
+    """Ratios away from 1, a KL estimator, a rollout-correction weight and an entropy bonus: the value and the
+    gradients (log-probs and entropies) against the loop."""
+    logp, old, ref, adv, mask = off_policy_case()
+    g = torch.Generator().manual_seed(5)
+    weight = torch.rand(mask.shape, generator=g) * 2  # as rollout_weights gives: >= 0, no gradient
+    entropy = torch.rand(mask.shape, generator=g).requires_grad_()
+    eps_low, eps_high = TEST_CLIPS.get(loss_type, (0.2, 0.28))
+    micro, n_tokens = [[0, 1], [2, 3]], float(mask.sum())
+    ours, reference = 0.0, 0.0
+    for rows in micro:
+        tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], eps_low, eps_high, 0.04, ref[rows],
+                                        loss=loss_type, mask=mask[rows], weight=weight[rows], kl=kl,
+                                        entropy=entropy[rows], entropy_coef=0.01)
+        ours = ours + grpo.aggregate(tok, mask[rows], loss_type, ga=2, l_max=7, n_tokens=n_tokens, world=1)
+        reference = reference + loop_loss(logp[rows], old[rows], ref[rows], adv[rows], mask[rows], loss_type,
+                                          eps_low=eps_low, eps_high=eps_high, beta=0.04, ga=2, l_max=7,
+                                          n_tokens=n_tokens, world=1, kl=kl, weight=weight[rows],
+                                          entropy=entropy[rows], coef=0.01)
+    g_ours, g_ref = torch.autograd.grad(ours, (logp, entropy)), torch.autograd.grad(reference, (logp, entropy))
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert (a[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["gspo", "cispo"])
+def test_later_losses_over_two_ranks_are_their_papers_mean_of_the_whole_step(loss_type):
+    """GSPO: the mean over the step's sequences; CISPO: the token mean of the step; whatever the ranks hold."""
+    logp, old, ref, adv, mask = off_policy_case()
+    eps_low, eps_high = TEST_CLIPS[loss_type]
+    n_tokens, grads = float(mask.sum()), []
+    for rows in ([0, 1], [2, 3]):  # each rank: its own rows, one micro-batch, world = 2
+        tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], eps_low, eps_high, loss=loss_type,
+                                        mask=mask[rows])
+        loss = grpo.aggregate(tok, mask[rows], loss_type, ga=1, l_max=7, n_tokens=n_tokens, world=2)
+        grads.append(torch.autograd.grad(loss, logp)[0])
+    whole = loop_loss(logp, old, ref, adv, mask, loss_type, eps_low=eps_low, eps_high=eps_high, beta=0.0, ga=1,
+                      l_max=7, n_tokens=n_tokens, world=1)
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, torch.autograd.grad(whole, logp)[0], atol=1e-7, rtol=1e-6)
+
+
+def test_gspo_clips_whole_sequences_and_its_token_form_is_the_same_here():
+    """Rows 0 and 2 are outside GSPO's clip on the side their advantage pushes: no gradient on any of their
+    tokens. With one advantage per sequence GSPO-token equals GSPO in value and gradient (the paper says so)."""
+    logp, old, _, adv, mask = off_policy_case()
+    out = {}
+    for loss_type in ("gspo", "gspo_token"):
+        tok, low, high = grpo.per_token_loss(logp, old, adv, 0.05, 0.08, loss=loss_type, mask=mask)
+        value = grpo.aggregate(tok, mask, loss_type, ga=1, l_max=7, n_tokens=float(mask.sum()), world=1)
+        out[loss_type] = value, torch.autograd.grad(value, logp)[0]
+        assert low[:, 0].tolist() == [True, False, False, False] and high[:, 0].tolist() == [False, False, True, False]
+    grad = out["gspo"][1]
+    assert (grad[[0, 2]] == 0).all() and (grad[[1, 3]][mask[[1, 3]] > 0] != 0).all()
+    torch.testing.assert_close(out["gspo_token"][0], out["gspo"][0], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(out["gspo_token"][1], grad, atol=1e-7, rtol=1e-6)
+
+
+def test_cispo_clips_the_weight_not_the_gradient():
+    logp = torch.zeros(2, 2, requires_grad=True)
+    old = torch.tensor([[-0.5, 0.0], [0.5, 0.0]])  # ratios e^0.5 = 1.65 and e^-0.5 = 0.61
+    adv = torch.tensor([1.0, -1.0])
+    eps_low = grpo.CLIP_DEFAULTS["cispo"][0]  # the default: no lower clip
+    tok, low, high = grpo.per_token_loss(logp, old, adv, eps_low, 0.2, loss="cispo")
+    grad, = torch.autograd.grad(tok.sum(), logp)
+    # where PPO's clip gives no gradient, CISPO's gives A times the clipped weight: 1.2, or 0.61 (no lower clip)
+    torch.testing.assert_close(grad, torch.tensor([[-1.2, -1.0], [math.exp(-0.5), 1.0]]))
+    assert high.tolist() == [[True, False], [False, False]] and not low.any()
+
+
+def test_kl_estimators():
+    ref, logp = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -2.0])
+    for estimator in ("k1", "k2", "k3"):
+        expected = torch.stack([loop_kl(r, l, estimator) for r, l in zip(ref, logp)])
+        torch.testing.assert_close(grpo.kl_penalty(ref, logp, estimator), expected)
+    torch.testing.assert_close(grpo.kl_penalty(ref, logp, "k3"), grpo.k3(ref, logp))
+
+
+def sampler_case():
+    """Train-side and sampler log-probs of 3 ragged rows; row 2 was sampled under another prompt (NaN)."""
+    g = torch.Generator().manual_seed(4)
+    train = -torch.rand(3, 5, generator=g) * 3
+    sampler = train + torch.randn(3, 5, generator=g) * 0.3
+    sampler[2] = float("nan")
+    mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4])[:, None]).float()
+    return train, sampler, mask
+
+
+def test_sampler_gap_matches_loop():
+    train, sampler, mask = sampler_case()
+    gap = grpo.sampler_gap(train, sampler, mask)
+    d = [float(train[i, t] - sampler[i, t]) for i in range(3) for t in range(5) if mask[i, t] and i != 2]
+    assert gap["gap_tokens"] == len(d) == 7
+    assert abs(gap["gap_abs"] - sum(abs(x) for x in d)) < 1e-5
+    assert abs(gap["gap_kl"] - sum(math.exp(x) - x - 1 for x in d)) < 1e-6  # k3 of KL(π_sampler ‖ π_train)
+    assert gap["gap_outside"] == sum(not 0.8 <= math.exp(x) <= 1.25 for x in d) > 0
+
+
+@pytest.mark.parametrize("kind", ["tis", "mis"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_weights_match_loop(kind, level):
+    train, sampler, mask = sampler_case()
+    cap = 1.1
+    w = grpo.rollout_weights(train, sampler, mask, kind, cap, level).expand(3, 5)
+    for i in range(3):
+        rhos = [math.exp(train[i, t] - sampler[i, t]) if i != 2 else 1.0 for t in range(5) if mask[i, t]]
+        if level == "sequence":
+            rhos = [math.prod(rhos)] * len(rhos)
+        expected = [min(x, cap) if kind == "tis" else (x if x <= cap else 0.0) for x in rhos]
+        torch.testing.assert_close(w[i, :len(expected)], torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    assert (w[mask > 0] != 1).any() and (w[2] == 1).all()  # row 2's sampler log-probs unknown: no correction
+
+
+def test_rollout_correction_changes_nothing_when_sampler_and_trainer_agree():
+    logp, old, ref, adv, mask = random_case(3)
+    plain, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28, 0.04, ref)
+    plain_grad, = torch.autograd.grad(plain.sum(), logp)
+    for kind in ("tis", "mis"):
+        for level in ("token", "sequence"):
+            w = grpo.rollout_weights(old, old.clone(), mask, kind, 2.0, level)
+            assert (w == 1).all()
+            tok, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28, 0.04, ref, weight=w)
+            assert torch.equal(tok, plain.detach())
+            assert torch.equal(torch.autograd.grad(tok.sum(), logp)[0], plain_grad)
+
+
+def test_truncated_means_the_length_limit_without_an_eos():
+    ids = torch.tensor([[5, 6, 7, 9], [5, 2, 0, 0], [5, 6, 7, 2], [2, 0, 0, 0]])
+    lengths = torch.tensor([4.0, 2.0, 4.0, 1.0])  # as Rollouts has them: mask sums
+    assert grpo.truncated(ids, lengths, 4, [2, 3]).tolist() == [True, False, False, False]
 
 
 def test_clipping_stops_the_gradient_and_is_counted():
@@ -227,12 +402,66 @@ def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_the_sampler_gap_is_logged_and_in_fp32_nothing_so_the_correction_changes_nothing(small_world, tmp_path):
+    """CPU, fp32: the sampler's log-probs (KV-cached decode) against the trainer's (one forward), on-policy
+    (the update's own) and off-policy (the old ones, --num_iterations 2): rounding apart, equal; so
+    --rollout_correction tis changes neither the step's metrics nor its weights."""
+    root, model = small_world
+    logs = {name: run(small_world, model, tmp_path / name, "--max_steps", "1", *flags)[0] for name, flags in {
+        "on_policy": [], "off_policy": ["--num_iterations", "2"], "tis": ["--rollout_correction", "tis"]}.items()}
+    for row in logs.values():
+        assert row["sampler_gap_abs"] <= 1e-5 and 0 <= row["sampler_gap_kl"] <= 1e-10, row
+        assert row["sampler_gap_outside"] == 0
+    plain, tis = logs["on_policy"], logs["tis"]
+    for k in ("loss", "kl", "entropy", "clip_low", "grad_norm"):
+        assert abs(plain[k] - tis[k]) <= 1e-5 * max(1.0, abs(plain[k])), k
+    a, b = final_weights(tmp_path / "on_policy"), final_weights(tmp_path / "tis")
+    for k in a:  # Adam's first step: see test_shared_prefix_update_equals_per_row
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
+def test_mask_truncated_and_the_entropy_bonus_reach_the_loss(small_world, tmp_path, monkeypatch):
+    """--mask_truncated: the cut completions' tokens are left out of every term and count; --entropy_coef: the
+    entropies come with their gradient."""
+    root, model = small_world
+    seen = {"aggregated": 0.0}
+    cut, aggregate, per_token_loss = grpo.truncated, grpo.aggregate, grpo.per_token_loss
+
+    def spy_cut(ids, lengths, *a):
+        seen["cut"], seen["lengths"] = cut(ids, lengths, *a), lengths
+        return seen["cut"]
+
+    def spy_aggregate(tok, mask, *a, **k):
+        seen["aggregated"] += float(mask.sum())
+        return aggregate(tok, mask, *a, **k)
+
+    def spy_loss(*a, **k):
+        assert k["entropy_coef"] == 0.5 and k["entropy"].requires_grad
+        return per_token_loss(*a, **k)
+
+    monkeypatch.setattr(grpo, "truncated", spy_cut)
+    monkeypatch.setattr(grpo, "aggregate", spy_aggregate)
+    monkeypatch.setattr(grpo, "per_token_loss", spy_loss)
+    run(small_world, model, tmp_path / "cut", "--max_steps", "1", "--max_new_tokens", "8", "--mask_truncated",
+        "--entropy_coef", "0.5")
+    assert seen["cut"].any() and not seen["cut"].all()  # 8 tokens: some completions end, some are cut
+    assert seen["aggregated"] == float(seen["lengths"][~seen["cut"]].sum())
+
+
+# DDP runs of the later losses: a second iteration (ratios away from 1), every new term
+LATER_DDP = {"gspo": ["--loss", "gspo", "--num_iterations", "2", "--rollout_correction", "mis",
+                      "--rollout_correction_level", "sequence"],
+             "cispo": ["--loss", "cispo", "--num_iterations", "2", "--kl_estimator", "k2", "--entropy_coef", "0.01",
+                       "--rollout_correction", "tis", "--mask_truncated"]}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "gspo", "cispo"])
 def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path, mode):
     root, model = small_world
     common = ["--model", model, "--data", str(root / "mcq.jsonl"), "--device", "cpu", "--max_steps", "2",
               "--prompts_per_step", "4", "--num_samples", "4", "--max_new_tokens", "16", "--micro_batch_size", "4",
               "--lr", "1e-3", "--prompts_per_call", "1", "--loss", "dapo", "--beta", "0.04", "--seed", "3"]
+    common += LATER_DDP.get(mode, [])  # a flag given twice: the later one counts
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     grpo.main(common + ["--out", one])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

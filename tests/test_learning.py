@@ -51,7 +51,7 @@ def train(tiny_dir, tmp_path, reward, sign=1.0):
         share.append(float(hits.mean()))
         rewards = reward(hits, step)
         r = grpo.Rollouts(prompts, [i // G for i in range(len(ids))], ids, mask, rewards, mask.sum(1),
-                          [{}] * len(ids), G)
+                          [{}] * len(ids), G, sampler_logp=roll.logprobs)
         adv = sign * grpo.group_advantages(rewards, G)
         training.policy.train()
         grpo.update(r, adv, training, args, d, defaultdict(float))

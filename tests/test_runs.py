@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate",
            "bench.py": "bench", "engine.py": "engine", "tiny.py": "tiny", "runs/toy_base.py": "runs.toy_base",
+           "runs/sampler_gap.py": "runs.sampler_gap",
            "data.prepare": "data.prepare"}
 
 
@@ -165,6 +166,17 @@ def test_bench_runs_and_reports_every_row(extra, update_row):
                 "update: MFU"):
         assert row in done.stdout, row
 
+
+
+def test_sampler_gap_is_rounding_in_fp32_and_measurable_in_bf16():
+    """runs/sampler_gap.py on the tiny model, CPU: fp32 (what grpo.py computes here) agrees to rounding; bf16
+    weights (LoRA keeps the base in bf16) part by more, and the script says by how much."""
+    from runs import sampler_gap
+    small = ["--device", "cpu", "--prompts_per_call", "2", "--num_samples", "2", "--max_new_tokens", "8"]
+    fp32 = sampler_gap.main(small + ["--dtype", "fp32"])
+    bf16 = sampler_gap.main(small + ["--dtype", "bf16", "--lora_r", "4"])
+    assert fp32["max"] <= 1e-5 and 0 <= fp32["kl"] <= 1e-10
+    assert bf16["abs"] > 100 * fp32["abs"] and bf16["kl"] > 0
 
 
 REQUIRED = {"sft": ["--model", "m", "--data", "d", "--out", "o"], "grpo": ["--model", "m", "--data", "d", "--out", "o"],

@@ -54,20 +54,26 @@ def test_scorer_equals_sampler_logprobs(tiny, images):
     assert (fallback - roll.logprobs).abs().max() > 1e-3
 
 
-def test_chunked_scorer_equals_full_logits_with_gradients(tiny, images):
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_scorer_equals_full_logits_with_gradients(tiny, images, entropy_grad):
+    """Log-probs and entropies; with `entropy_grad` the loss has an entropy bonus, whose gradient reaches
+    the layers below the projection too (the final norm's weight)."""
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     ids, mask = proc.encode_completions(["<answer>red</answer>", "a", "<think>x</think> and more text"])
-    weight = model.lm_head.weight
+    weight, norm = model.lm_head.weight, model.model.language_model.norm.weight
 
     def loss_of(fn):
         model.zero_grad()
-        logp = fn()
+        logp, entropy = fn()
         loss = (logp * torch.linspace(1, 2, logp.shape[1])).sum()
+        if entropy_grad:
+            loss = loss - (entropy * torch.linspace(3, 1, logp.shape[1])).sum()
         loss.backward()
-        return logp.detach(), weight.grad.clone()
+        return logp.detach(), weight.grad.clone(), entropy.detach(), norm.grad.clone()
 
-    chunked = loss_of(lambda: vlm.sequence_logprobs(model, batch, ids, mask, temperature=0.9, chunk_size=3))
+    chunked = loss_of(lambda: vlm.sequence_logprobs(model, batch, ids, mask, temperature=0.9, chunk_size=3,
+                                                    return_entropy=True, entropy_grad=entropy_grad))
 
     def full():  # reference: the whole logits tensor at once
         T = batch.input_ids.shape[1]
@@ -78,11 +84,14 @@ def test_chunked_scorer_equals_full_logits_with_gradients(tiny, images):
                     mm_token_type_ids=torch.cat([batch.mm_token_type_ids, torch.zeros_like(ids)], 1),
                     pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
         lp = (out.logits[:, T - 1:T - 1 + ids.shape[1]].float() / 0.9).log_softmax(-1)
-        return lp.gather(-1, ids[..., None])[..., 0] * mask
+        entropy = -(lp.exp() * lp).sum(-1) * mask
+        return lp.gather(-1, ids[..., None])[..., 0] * mask, entropy if entropy_grad else entropy.detach()
 
     reference = loss_of(full)
     torch.testing.assert_close(chunked[0], reference[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(chunked[1], reference[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked[2], reference[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked[3], reference[3], atol=1e-5, rtol=1e-4)
     assert torch.isfinite(chunked[1]).all()
     model.zero_grad()
 
