@@ -14,10 +14,12 @@
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
+    python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 512
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
         --lora_r 64 --gradient_checkpointing --micro_batch_size 8      # does GRPO with LoRA on 7B fit one GPU?
-The 3B/7B shapes are built from their configs with random weights (the timing does not depend on the
-weights' values), so nothing is downloaded.
+The real shapes (Qwen2.5-VL 3b / 7b, Qwen3-VL qwen3-2b / -4b / -8b) are built from their configs with
+random weights (the timing does not depend on the weights' values), so nothing is downloaded. A 512 px
+image gives Qwen3-VL the 256 visual tokens a 448 px image gives Qwen2.5-VL (32² against 28² px a token).
 """
 
 import argparse
@@ -31,17 +33,17 @@ from PIL import Image
 import vlm
 from common import add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype, seed_process
 from engine import sample_completions
-from tiny import build_tiny_model, real_shape_config
+from tiny import REAL_SHAPES, build_tiny_model, real_shape_config
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
 def real_shape(name, tiny_dir, dtype, device):
-    """A random-weight Qwen2.5-VL of the real size, with the tiny model's tokenizer for the prompts."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir))
+    """A random-weight model of the real size, with the tiny model's tokenizer for the prompts."""
+    from transformers import AutoConfig
+    config = real_shape_config(name, AutoConfig.from_pretrained(tiny_dir))
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = vlm.model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
@@ -105,7 +107,8 @@ def matmul_tflops(device, dtype):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    a("--shape", default="tiny", choices=["tiny"] + list(REAL_SHAPES), help="model size (random weights)")
+    a("--family", default="qwen2_5_vl", choices=list(vlm.FAMILIES), help="the tiny shape's architecture")
     a("--model", default=None, help="a checkpoint folder instead of --shape")
     a("--image_size", type=int, default=56, help="square image side in pixels")
     a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
@@ -130,7 +133,8 @@ def main(argv=None):
 
     import tempfile
     tmp = tempfile.mkdtemp()
-    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1)
+    family = REAL_SHAPES[args.shape]["family"] if args.shape != "tiny" else args.family  # the prompts' processor
+    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1, family=family)
     if args.model is None and args.shape != "tiny":
         model = real_shape(args.shape, tiny_dir, dtype, device)
     else:
@@ -183,7 +187,7 @@ def main(argv=None):
     if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
         lm_params += model.lm_head.weight.numel()
     tc = model.config.text_config
-    head_dim = tc.hidden_size // tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128, not 80
     context = batch.input_ids.shape[1] + N / 2
     kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
     step_bytes = lm_params * dtype.itemsize + kv_bytes
@@ -238,7 +242,7 @@ def main(argv=None):
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
 
-    if args.shape in ("3b", "7b") and args.model is None:
+    if args.shape != "tiny" and args.model is None:
         # projected hours of each paper recipe at this device's measured rates (one device)
         gen_rate, upd_rate = n_gen / t_ours, tokens / t_upd
         prompt_len = batch.input_ids.shape[1]

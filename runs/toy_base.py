@@ -1,4 +1,4 @@
-"""runs/toy_base.py — a tiny Qwen2.5-VL whose eyes work: the toy world's stand-in for a pretrained encoder.
+"""runs/toy_base.py — a tiny Qwen2.5-VL (or Qwen3-VL) whose eyes work: the toy world's stand-in for a pretrained encoder.
 
 A real Qwen2.5-VL arrives with a vision tower trained on billions of images. The tiny model starts from
 random weights, and a random vision tower barely separates the toy world's shapes; trained only through
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--vision_hidden", type=int, default=128, help="width of the tiny vision tower")
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the tiny language model")
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
-    ap.add_argument("--patch_size", type=int, default=14, help="vision patch side in pixels (Qwen2.5-VL: 14)")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=list(vlm.FAMILIES),
+                    help="the tiny model's architecture: qwen2_5_vl (patch 14) or qwen3_vl (patch 16, DeepStack)")
     ap.add_argument("--draw_workers", type=int, default=1, choices=[0, 1],
                     help="1: draw the next steps' images in a second process; 0: in this one (same model)")
     return ap.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv=None):
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
     tiny = args.out + ".init"
     build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
-                     text_layers=args.text_layers, vision_depth=args.vision_depth, patch_size=args.patch_size)
+                     text_layers=args.text_layers, vision_depth=args.vision_depth, family=args.family)
     model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny, max_pixels=size * size)
 
     table = load_classes(os.path.join(args.data, "classes.json"))
@@ -103,7 +104,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=args.lr)
 
     def features(pixel_values, grids):  # the mean of an image's merged visual tokens, as the language model gets them
-        tokens = model.model.get_image_features(pixel_values, grids).pooler_output
+        out = model.model.get_image_features(pixel_values, grids)
+        # Qwen3-VL also adds DeepStack features (inner blocks' tokens, merged) after the first decoder layers:
+        # summed in here, so that they are trained too and nothing the language model gets stays random
+        tokens = [sum(parts) for parts in zip(out.pooler_output, *(getattr(out, "deepstack_features", None) or []))]
         return torch.stack([t.mean(0) for t in tokens])
 
     def targets(batch_classes, a):
