@@ -7,12 +7,17 @@
   their ratio;
 - decode step vs the memory-bandwidth limit: bytes a decode step must read (language-model weights +
   the KV cache at the mean context) / the step's time, as a share of the bandwidth measured on this device;
-- update: one scorer forward + backward over the completions (tokens/s) and an MFU estimate
-  (6 · parameters · tokens / time / peak FLOP/s; on a CPU the peak is a measured matmul rate);
-- peak memory of each; with a 3B/7B shape, the projected hours of each paper recipe (runs/) on this device.
+- update: one scorer forward + backward over the completions, each group's prompt encoded once (the
+  shared prefix grpo.py uses) against once per completion (per row): time, FLOPs counted by torch, MFU
+  (FLOPs / time / peak FLOP/s; on a CPU the peak is a measured matmul rate), the activations one
+  micro-batch holds for its backward, and the ratios;
+- peak memory of each; with a real shape, the projected hours of each paper recipe (runs/) on this device.
 
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
+    python bench.py --threads 1 --question listed --max_new_tokens 20 --micro_batch_size 8   # the toy's Visual-RFT update
+    python bench.py --shape 7b --text_layers 2 --vision_depth 2 --image_size 448 --prompts_per_call 1 \
+        --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --skip_generate --repeats 1   # 7B widths, CPU
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
     python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 512
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
@@ -38,10 +43,11 @@ from tiny import REAL_SHAPES, build_tiny_model, real_shape_config
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
-def real_shape(name, tiny_dir, dtype, device):
-    """A random-weight model of the real size, with the tiny model's tokenizer for the prompts."""
+def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=None):
+    """A random-weight model of the real size (optionally fewer layers per tower), with the tiny model's
+    tokenizer for the prompts."""
     from transformers import AutoConfig
-    config = real_shape_config(name, AutoConfig.from_pretrained(tiny_dir))
+    config = real_shape_config(name, AutoConfig.from_pretrained(tiny_dir), text_layers, vision_depth)
     with torch.device(device):
         model = vlm.model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
@@ -88,6 +94,31 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (monotonic)
 
 
+def saved_activation_gb(forward):
+    """GB the autograd graph holds for the backward after `forward()` (each storage counted once): the
+    activation memory of one micro-batch, exact on any device (a CPU process's peak RSS only ever grows,
+    so it cannot compare two contenders run one after the other)."""
+    storages = {}
+
+    def pack(t):
+        storages[(t.untyped_storage().data_ptr(), str(t.device))] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values()) / 2 ** 30
+
+
+def flops_of(fn):
+    """FLOPs of one call of `fn` (forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def bandwidth_gbs(device):
     """Measured copy bandwidth: a copy reads and writes every byte once."""
     n = (1 << 30) if torch.device(device).type == "cuda" else (1 << 27)
@@ -114,10 +145,16 @@ def parse_args(argv=None):
     a("--micro_batch_size", type=int, default=16, help="completions per forward+backward in the update")
     a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
     a("--skip_generate", action="store_true", help="do not time model.generate")
+    a("--update_only", action="store_true", help="sample the completions once, time only the update")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--lora_r", type=int, default=0, help="update with LoRA adapters of this rank, set up as grpo.py does "
                                             "(0: every weight trains, in the model's dtype)")
     a("--gradient_checkpointing", action="store_true", help="update with activation checkpointing")
+    a("--question", default="short", choices=["short", "listed"],
+      help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
+           "mining prompt, ~250 tokens), with a tiny tokenizer trained on the world's names")
+    a("--text_layers", type=int, default=0, help="real shapes: decoder layers (0: the real depth)")
+    a("--vision_depth", type=int, default=0, help="real shapes: vision blocks (0: the real depth)")
     add_sampling_args(ap, num_samples=8, prompts_per_call=8, max_new_tokens=64)  # EOS disabled: every token counts
     add_runtime_args(ap)
     return ap.parse_args(argv)
@@ -133,17 +170,24 @@ def main(argv=None):
 
     import tempfile
     tmp = tempfile.mkdtemp()
+    question = "What is the name of the object in this image? Think, then answer."
+    corpus = None
+    if args.question == "listed":
+        from data import prompts, toy
+        classes = toy.make_world(names="epithets")
+        question = prompts.open_question("toy", [c["name"] for c in classes if c["base"]])
+        corpus = [c["name"] for c in classes] + [question]
     family = REAL_SHAPES[args.shape]["family"] if args.shape != "tiny" else args.family  # the prompts' processor
-    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1, family=family)
+    tiny_dir = args.model or build_tiny_model(f"{tmp}/tiny", seed=0, init_std=0.1, corpus=corpus, family=family)
     if args.model is None and args.shape != "tiny":
-        model = real_shape(args.shape, tiny_dir, dtype, device)
+        model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers or None, args.vision_depth or None)
     else:
         model = vlm.load_model(tiny_dir, device, args.dtype)
     proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
               for _ in range(args.prompts_per_call)]
-    batch = proc.encode(images, ["What is the name of the object in this image? Think, then answer."] * args.prompts_per_call)
+    batch = proc.encode(images, [question] * args.prompts_per_call)
     batch = batch.to(device)
     P, G, N = args.prompts_per_call, args.num_samples, args.max_new_tokens
     n_gen = P * G * N
@@ -157,45 +201,50 @@ def main(argv=None):
                                   top_p=args.top_p, generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
                                   banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
 
-    contenders = {"rollout: ours": ours, "rollout: ours, StaticCache": lambda: ours(cache_kind="static"),
-                  "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
-    if not args.skip_generate:
-        def hf():
-            return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                                  mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=args.temperature,
-                                  top_k=0, top_p=args.top_p, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
-                                  pad_token_id=proc.pad_token_id, suppress_tokens=proc.banned_token_ids)
-        contenders["rollout: model.generate"] = hf
-    times, outs = interleaved(list(contenders.values()), device, args.repeats)
-    roll = outs[0]
-    assert roll.completion_mask.sum() == n_gen
-    if not args.skip_generate:
-        assert outs[-1].shape == (P * G, batch.input_ids.shape[1] + N)
-    for (name, fn), t in zip(contenders.items(), times):
-        peak_memory_gb(device)  # reset, then one more run for this contender's own peak
-        fn()
-        rows.append((name, f"{n_gen / t:,.0f} tok/s", f"{t:.3f} s", f"{peak_memory_gb(device):.2f} GB"))
-    t_ours = times[0]
-    if not args.skip_generate:
-        rows.append(("rollout: ours / generate", f"{times[-1] / t_ours:.2f}x", "", ""))
+    if args.update_only:
+        contenders = {}
+        roll = ours()
+    else:
+        contenders = {"rollout: ours": ours, "rollout: ours, StaticCache": lambda: ours(cache_kind="static"),
+                      "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
+        if not args.skip_generate:
+            def hf():
+                return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                                      mm_token_type_ids=batch.mm_token_type_ids, do_sample=True, temperature=args.temperature,
+                                      top_k=0, top_p=args.top_p, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                                      pad_token_id=proc.pad_token_id, suppress_tokens=proc.banned_token_ids)
+            contenders["rollout: model.generate"] = hf
+        times, outs = interleaved(list(contenders.values()), device, args.repeats)
+        roll = outs[0]
+        assert roll.completion_mask.sum() == n_gen
+        if not args.skip_generate:
+            assert outs[-1].shape == (P * G, batch.input_ids.shape[1] + N)
+        for (name, fn), t in zip(contenders.items(), times):
+            peak_memory_gb(device)  # reset, then one more run for this contender's own peak
+            fn()
+            rows.append((name, f"{n_gen / t:,.0f} tok/s", f"{t:.3f} s", f"{peak_memory_gb(device):.2f} GB"))
+        t_ours = times[0]
+        if not args.skip_generate:
+            rows.append(("rollout: ours / generate", f"{times[-1] / t_ours:.2f}x", "", ""))
 
-    # decode step against the bandwidth limit
-    t_prefill, _ = timed(lambda: ours(1), device, args.repeats)
-    step = (t_ours - t_prefill) / max(N - 1, 1)
-    lm_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}")
-    if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
-        lm_params += model.lm_head.weight.numel()
-    tc = model.config.text_config
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128, not 80
-    context = batch.input_ids.shape[1] + N / 2
-    kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
-    step_bytes = lm_params * dtype.itemsize + kv_bytes
-    bw = bandwidth_gbs(device)
-    rows.append(("decode step", f"{step * 1e3:.2f} ms", f"{step_bytes / 2 ** 20:.1f} MiB read",
-                 f"{step_bytes / step / 1e9 / bw * 100:.1f}% of {bw:.0f} GB/s"))
+        # decode step against the bandwidth limit
+        t_prefill, _ = timed(lambda: ours(1), device, args.repeats)
+        step = (t_ours - t_prefill) / max(N - 1, 1)
+        lm_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}")
+        if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
+            lm_params += model.lm_head.weight.numel()
+        tc = model.config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128, not 80
+        context = batch.input_ids.shape[1] + N / 2
+        kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
+        step_bytes = lm_params * dtype.itemsize + kv_bytes
+        bw = bandwidth_gbs(device)
+        rows.append(("decode step", f"{step * 1e3:.2f} ms", f"{step_bytes / 2 ** 20:.1f} MiB read",
+                     f"{step_bytes / step / 1e9 / bw * 100:.1f}% of {bw:.0f} GB/s"))
 
-    # update: scorer forward + backward over the rollout's completions
+    # update: scorer forward + backward over the rollout's completions, each group's prompt encoded once
+    # (shared prefix, what grpo.py runs) against once per completion (per row, the reference)
     if args.lora_r:  # as grpo.py: fp32 adapters, frozen base weights, autocast
         vlm.configure_trainable(model, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                 gradient_checkpointing=args.gradient_checkpointing)
@@ -205,21 +254,22 @@ def main(argv=None):
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    rows_batch = batch.repeat_interleave(G)
     mb = args.micro_batch_size
+    micro = [list(range(s, min(s + mb, P * G))) for s in range(0, P * G, mb)]
 
-    def update():
-        for s in range(0, P * G, mb):
-            idx = list(range(s, min(s + mb, P * G)))
-            with vlm.autocast(device, dtype == torch.bfloat16):
-                logp = vlm.sequence_logprobs(model, rows_batch.select(idx), roll.completion_ids[idx],
-                                             roll.completion_mask[idx])
-            (-logp.sum() / n_gen).backward()
+    def scored(idx, shared):
+        with vlm.autocast(device, dtype == torch.bfloat16):
+            return vlm.sequence_logprobs(model, batch, roll.completion_ids[idx], roll.completion_mask[idx],
+                                         prompt_rows=[i // G for i in idx], shared_prefix=shared)
+
+    def update(shared):
+        for idx in micro:
+            (-scored(idx, shared).sum() / n_gen).backward()
         model.zero_grad(set_to_none=True)
 
-    t_upd, _ = timed(update, device, max(1, args.repeats - 1))
-    mem_upd = peak_memory_gb(device)
-    tokens = P * G * (batch.input_ids.shape[1] + N)
+    modes = {"shared prefix": True, "per row": False}
+    times, _ = interleaved([lambda s=s: update(s) for s in modes.values()], device, max(1, args.repeats - 1))
+    tokens = P * G * (batch.input_ids.shape[1] + N)  # the positions of one row per completion
     n_params = sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
@@ -228,23 +278,36 @@ def main(argv=None):
     else:
         peak = matmul_tflops(device, dtype)
         peak_label = f"{peak * 1e3:.0f} GFLOP/s measured matmul"
-    # forward 2N + backward 4N FLOPs per token; frozen weights (LoRA) skip their weight gradients (2N)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    mfu = (6 * n_params - 2 * n_frozen) * tokens / t_upd / (peak * 1e12)
     how = (f", LoRA r{args.lora_r}" if args.lora_r else "") + (", checkpointed" if args.gradient_checkpointing else "")
-    rows.append((f"update: fwd+bwd{how}", f"{tokens / t_upd:,.0f} tok/s", f"{t_upd:.3f} s", f"{mem_upd:.2f} GB"))
-    rows.append(("update: MFU", f"{mfu * 100:.1f}%", f"vs {peak_label}", ""))
+    measured = {}
+    for (label, shared), t in zip(modes.items(), times):
+        mem = ""
+        if device.type == "cuda":  # reset, then one more update for this mode's own peak
+            peak_memory_gb(device)
+            update(shared)
+            mem = f"{peak_memory_gb(device):.2f} GB peak"
+        flops = flops_of(lambda: update(shared))
+        act = saved_activation_gb(lambda: scored(micro[0], shared))
+        model.zero_grad(set_to_none=True)
+        measured[label] = (t, flops, act)
+        rows.append((f"update: fwd+bwd, {label}{how}", f"{tokens / t:,.0f} tok/s", f"{t:.3f} s",
+                     f"{flops / 1e12:.2f} TFLOP, MFU {flops / t / (peak * 1e12) * 100:.1f}%",
+                     f"{act:.2f} GB activations/micro-batch {mem}".rstrip()))
+    (t_s, f_s, a_s), (t_r, f_r, a_r) = measured["shared prefix"], measured["per row"]
+    rows.append(("update: per row / shared prefix", f"{t_r / t_s:.2f}x faster", f"{f_r / f_s:.2f}x FLOPs",
+                 f"vs {peak_label}", f"{a_r / a_s:.2f}x activations"))
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {where}; "
           f"{P} prompts x {G} samples x {N} new tokens, {args.image_size}px images, prompt {batch.input_ids.shape[1]} tokens")
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [r + ("",) * (5 - len(r)) for r in rows]
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
 
-    if args.shape != "tiny" and args.model is None:
+    if args.shape != "tiny" and args.model is None and not args.update_only:
         # projected hours of each paper recipe at this device's measured rates (one device)
-        gen_rate, upd_rate = n_gen / t_ours, tokens / t_upd
+        gen_rate, upd_rate = n_gen / t_ours, tokens / t_s
         prompt_len = batch.input_ids.shape[1]
         recipes = {  # (name, optimizer steps, prompts a step, G, mean completion tokens, reported budget)
             "DiVE-k (400 x 6 prompts, G 4)": (400, 6, 4, 512, "3 GPUs"),

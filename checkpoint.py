@@ -204,20 +204,56 @@ def clean_partial(out_dir):
     return done
 
 
-# the flags a resumed run may change: where it runs, what it keeps, how it is batched in memory
-RESUMABLE_CHANGES = {"resume", "device", "save_every", "keep", "skip_bad", "no_check_images", "micro_batch_size",
-                     "prompts_per_call", "verifier_cache"}
+# the flags a resumed run may change: where it runs, what it keeps, how it is batched in memory, and --out
+# itself (the checkpoint was found there: a run folder copied elsewhere resumes)
+RESUMABLE_CHANGES = {"resume", "out", "device", "save_every", "keep", "skip_bad", "no_check_images",
+                     "micro_batch_size", "prompts_per_call", "verifier_cache"}
+# the flags that name files: compared as the files they name, not as the text typed
+PATH_FLAGS = ("model", "data", "val_data", "classes", "confusions", "verifier_model", "out")
+
+
+def _as_path(value):
+    """The file a path flag names: absolute, with '..', symlinks and a trailing slash resolved. A value that
+    names nothing here (a Hub id, a file since moved) stays as typed, normalised."""
+    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
+
+
+def _map_paths(settings, change):
+    """The settings with `change` applied to each path flag's value (a path, or a list of them)."""
+    def one(value):
+        return [change(v) for v in value] if isinstance(value, list) else change(value)
+    return {k: one(v) if k in PATH_FLAGS and v is not None else v for k, v in settings.items()}
+
+
+def run_args(args):
+    """The run's flags as a checkpoint saves them (JSON: lists, not tuples): path flags resolved, so that a
+    resume from another directory compares the same files."""
+    return _map_paths(json.loads(json.dumps(vars(args))), _as_path)
+
+
+def _compared(settings):
+    """What check_resume_args compares: path flags as files, and a file inside --out relative to --out (a
+    copied run folder holds its own copy)."""
+    out = _as_path(settings["out"]) if settings.get("out") else None
+
+    def file(value):
+        path = _as_path(value)
+        inside = out is not None and (path + os.sep).startswith(out + os.sep)
+        return os.path.join("<--out>", os.path.relpath(path, out)) if inside else path
+    return _map_paths(settings, file)
 
 
 def check_resume_args(path, args):
     """Refuse to resume the checkpoint at `path` with other settings: the saved optimizer and schedule
     would silently override a new --lr, and a new --lora_r would not fit the saved adapter. Every flag
-    but RESUMABLE_CHANGES must be as it was; the message lists each difference."""
+    but RESUMABLE_CHANGES must be as it was, paths compared as the files they name (`_compared`); the
+    message lists each difference."""
     with open(os.path.join(path, "train_state.json")) as f:
         saved = json.load(f)["extra"].get("args") or {}
-    now = json.loads(json.dumps(vars(args)))  # as JSON has it (lists, not tuples)
+    now = run_args(args)
+    then_cmp, now_cmp = _compared(saved), _compared(now)
     diff = [k for k in sorted(set(saved) | set(now))
-            if k not in RESUMABLE_CHANGES and saved.get(k, "(not set)") != now.get(k, "(not set)")]
+            if k not in RESUMABLE_CHANGES and then_cmp.get(k, "(not set)") != now_cmp.get(k, "(not set)")]
     if diff:
         said = "; ".join(f"--{k} {saved.get(k, '(not set)')} then, {now.get(k, '(not set)')} now" for k in diff)
         raise SystemExit(f"--resume: {path} was trained with other settings: {said}. Resume with the settings "
@@ -261,7 +297,7 @@ def save_if_due(training, args, d, step, total_steps, extra):
     if not last and not (args.save_every and step % args.save_every == 0):
         return
     path = os.path.join(args.out, "final" if last else f"step_{step:06d}")
-    save_training_checkpoint(path, training, d, step=step, extra=dict(extra, args=vars(args)), fsdp=args.fsdp)
+    save_training_checkpoint(path, training, d, step=step, extra=dict(extra, args=run_args(args)), fsdp=args.fsdp)
     if d.is_main:
         prune_checkpoints(args.out, args.keep)
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-from data.records import atomic_write
+from data.prompts import LETTERS
+from data.records import IMAGE_KEYS, atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,7 +49,8 @@ def add_image_args(ap):
                     help="smallest image area in pixels after resizing (default: the checkpoint's own)")
     ap.add_argument("--max_pixels", type=positive_int, default=None,
                     help="largest image area in pixels after resizing, i.e. at most max_pixels / 28² visual "
-                         "tokens (default: the checkpoint's own; DiVE-k uses 401408)")
+                         "tokens for Qwen2.5-VL, / 32² for Qwen3-VL (default: the checkpoint's own; DiVE-k uses "
+                         "401408: 512 tokens of Qwen2.5-VL)")
 
 
 def _bounded(kind, ok, rule):
@@ -67,6 +70,31 @@ positive_float = _bounded(float, lambda v: v > 0, "more than 0")
 nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
 probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
+option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (options are lettered A-Z)")
+
+
+LARGE_IMAGE_TOKENS = 4096  # visual tokens of one image past which memory, not the model, is what a user meets
+
+
+def warn_large_images(records, processor):
+    """One warning line, before any work, when images of `records` become more than LARGE_IMAGE_TOKENS visual
+    tokens each at the processor's bounds (a Hub checkpoint allows 16,384): the largest, its count and the
+    flag to set, instead of an out-of-memory error later. Reads image headers only."""
+    large = []
+    for path in dict.fromkeys(r[key] for r in records for key in IMAGE_KEYS if r.get(key)):
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+            n = processor.image_processor.get_number_of_image_patches(h, w) // processor.merge_size ** 2
+        except (OSError, ValueError):  # unreadable or too elongated: refused, or skipped and counted, where loaded
+            continue
+        if n > LARGE_IMAGE_TOKENS:
+            large.append((n, path, w, h))
+    if large:
+        n, path, w, h = max(large)
+        print0(f"warning: {len(large)} image(s) over {LARGE_IMAGE_TOKENS} visual tokens at --max_pixels "
+               f"{processor.pixel_bounds[1]}, the largest {path} ({w}x{h}) {n} visual tokens: memory grows with "
+               f"them; set --max_pixels (e.g. {512 * processor.token_pixels}, at most 512 tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,9 +113,20 @@ class Dist:
 
 
 def resolve_device(device="auto"):
+    """The torch.device --device names; a device this machine does not have is refused here, naming the flag,
+    rather than by an assertion deep inside the first .to(device)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return dev
 
 
 def resolve_dtype(name, device="cpu"):
@@ -206,12 +245,27 @@ def write_jsonl(path, rows):
 
 
 def append_jsonl(path, rows):
-    """Append rows and fsync: they survive a crash right after this returns."""
+    """Append rows and fsync: they survive a crash right after this returns. The lines go out in one write;
+    one that a crash or a full disk cuts short is the file's last, which `drop_cut_line` removes before the
+    next append."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_cut_line(path):
+    """Cut a JSONL file we append to back to its last complete line. What follows the last newline is a line
+    a crash or a full disk cut short: appending after it would glue the next line onto it, and the reader
+    would then skip both. A line without its newline counts as cut even when it parses: it is redone."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":  # only after a crash: reading the whole file once is fine then
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
 
 
 class JsonlLog:
@@ -224,6 +278,7 @@ class JsonlLog:
     def __init__(self, path, d, start_step=0):
         self.path = path if d.is_main else None
         if self.path and os.path.exists(path):
+            drop_cut_line(path)
             rows = read_jsonl(path)
             kept = [row for row in rows if row.get("step", 0) <= start_step]
             if len(kept) < len(rows):
@@ -237,18 +292,22 @@ class JsonlLog:
 class ResumableShards:
     """Results of a (data-parallel) pass over a list of items, kept safe as they are produced.
 
-    Each rank appends its finished rows to `{path}.shard{rank}of{world}.jsonl` (fsynced per batch), every
-    row carrying `"key"`: its item's index. A rerun reads every shard file present (whatever world size
-    wrote it) and skips finished keys, so an interrupted evaluation or mining run resumes where it
-    stopped. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`,
-    atomically, and removes the shards.
+    Each rank appends each finished batch to `{path}.shard{rank}of{world}.jsonl` as one line
+    `{"rows": [...]}` (fsynced), every row carrying `"key"`: its item's index. A rerun first cuts its own
+    shard back to its last complete line (`drop_cut_line`: a crash or a full disk may have cut the last one
+    short), reads every shard file present (whatever world size wrote it) and skips finished keys, so an
+    interrupted evaluation or mining run resumes where it stopped. A batch is saved whole or not at all, so
+    the rerun redoes a cut batch whole, batched (and seeded) as an uninterrupted run, which gives the same
+    bytes. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`, atomically,
+    and removes the shards.
     """
 
     def __init__(self, path, d):
         self.path, self.d = path, d
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.mine = f"{path}.shard{d.rank}of{d.world_size}.jsonl"
-        self.rows = [row for p in self._shard_files() for row in read_jsonl(p)]
+        drop_cut_line(self.mine)  # only its own: another rank may be appending to its shard right now
+        self.rows = self._saved_rows()
         self.done = {row["key"] for row in self.rows}
 
     def _shard_files(self):
@@ -256,14 +315,19 @@ class ResumableShards:
         return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
                 if name.startswith(base + ".shard") and name.endswith(".jsonl")]
 
+    def _saved_rows(self):
+        # a line is a batch {"rows": [...]}; a line that is a row itself was written by an older version
+        return [row for p in self._shard_files() for line in read_jsonl(p) for row in line.get("rows", [line])]
+
     def append(self, rows):
-        append_jsonl(self.mine, rows)
+        """Save one batch's rows as one line."""
+        append_jsonl(self.mine, [{"rows": rows}])
         self.done.update(row["key"] for row in rows)
 
     def merge(self):
         """All rows, one per key in key order; rank 0 writes them to `path`. Returns the rows."""
         barrier()
-        by_key = {row["key"]: row for p in self._shard_files() for row in read_jsonl(p)}
+        by_key = {row["key"]: row for row in self._saved_rows()}
         rows = [by_key[k] for k in sorted(by_key)]
         if self.d.is_main:
             write_jsonl(self.path, rows)

@@ -58,9 +58,10 @@ from collections import Counter, defaultdict
 
 import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, barrier, cleanup,
-                    init_distributed, nonnegative_int, positive_int, print0, read_jsonl, shard, write_jsonl)
+                    init_distributed, nonnegative_int, option_count, print0, read_jsonl, shard, warn_large_images,
+                    write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
-from data.records import ImageError, classes_of, load_classes, load_image, read_records
+from data.records import ImageError, classes_of, load_classes, load_image, read_records, require_fields
 from engine import sample_completions
 from mine_topk import build_mcq, listed_classes, mcq_rng, sample_candidates
 from reward import (CATEGORIES, LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct,
@@ -221,7 +222,7 @@ def predict_batch(mode, records, idx, ctx):
         row = {"key": i, "file": ctx["file"], "mode": mode, "model": args.model, "image": rec["image"],
                "label": rec["label"], "dataset": rec.get("dataset", ""), "base": index.is_base(rec)}
         try:
-            images.append(load_image(rec["image"]))
+            images.append(load_image(rec["image"], ctx["processor"].pixel_bounds[1]))
             ok.append((i, row))
         except ImageError as e:
             row["skipped"] = str(e)  # counted in the metrics, never fatal
@@ -384,11 +385,19 @@ def _pyplot():
         return None
 
 
+def smooth(values, window):
+    """Centred moving average over `window` steps (shorter at the ends): a trend through per-step noise."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
 def plot_curves(logs, out, keys=None, labels=None):
     """Training curves (y = keys, x = step) from JSONL logs as a PNG, a line per label: logs given the
-    same label (one run on several seeds) are averaged step by step, their min..max shaded. Labels
-    default to each log's folder name. Returns the path, or None without matplotlib (an optional extra:
-    never required)."""
+    same label (one run on several seeds) are averaged step by step; the line is that mean smoothed over
+    about a tenth of the steps, the band around it the per-step values (their min..max over seeds).
+    Labels default to each log's folder name. Returns the path, or None without matplotlib (an optional
+    extra)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -414,10 +423,12 @@ def plot_curves(logs, out, keys=None, labels=None):
                         by_step[r.get("step", j)].append(r[key])
             if by_step:
                 steps = sorted(by_step)
-                line, = ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=label, lw=1.2)
-                if len(runs) > 1:
-                    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                                    color=line.get_color(), alpha=0.15, lw=0)
+                mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+                line, = ax.plot(steps, smooth(mean, max(3, len(steps) // 10)), label=label, lw=1.5)
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=line.get_color(), alpha=0.15, lw=0)
+                if len(runs) == 1:  # one seed: the band is the per-step line itself
+                    ax.plot(steps, mean, color=line.get_color(), alpha=0.35, lw=0.6)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -470,7 +481,7 @@ def parse_args(argv=None):
     a("--class_list", default=None, choices=["none", "base", "novel", "all", "split"],
       help="class names listed in open / two_step prompts (split = the image's base or novel list); default "
            "none for open, split for two_step")
-    a("--k", type=positive_int, default=5, help="two_step: options (most frequent valid answers)")
+    a("--k", type=option_count, default=5, help="two_step: options (most frequent valid answers), 2 to 26")
     a("--verifier_model", default=None, help="open_world: local text model as LLM judge")
     a("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
     a("--limit", type=nonnegative_int, default=0, help="only the first N records of each file (0 = all)")
@@ -510,12 +521,11 @@ def main(argv=None):
     for path in args.data:
         records = read_records(path, skip_bad=args.skip_bad, classes=table)
         files.append((path, records[:args.limit] if args.limit else records))
-    if "mcq" in args.mode:
-        bad = [p for p, recs in files if any("options" not in r or "answer" not in r for r in recs)]
-        if bad:
-            raise SystemExit(f"--mode mcq needs records with 'options' and 'answer': {bad}")
-    model = vlm.load_model(args.model, d.device, args.dtype)
+    for _, records in files if "mcq" in args.mode else ():
+        require_fields(records, ("options", "answer"), "--mode mcq")
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
+    warn_large_images([r for _, records in files for r in records], processor)
+    model = vlm.load_model(args.model, d.device, args.dtype)
     ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,
            "listed": {m: class_list_for(m, args, table, index) for m in MODES},
            "verifier_for": make_verifier_for(args, table, d) if "open_world" in args.mode else None}

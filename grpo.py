@@ -77,7 +77,10 @@ def parse_args(argv=None):
     a("--prompts_per_step", type=positive_int, default=8,
       help="prompt items per step over all ranks (divisible by the ranks)")
     a("--micro_batch_size", type=positive_int, default=8,
-      help="completions per training forward on one rank")
+      help="completions per training forward on one rank (a multiple of --num_samples encodes each prompt once)")
+    a("--prefix_forward", default="shared", choices=["shared", "per_row"],
+      help="the update's forward: each group's image and prompt encoded once for its completions (shared), or "
+           "once per completion (per_row: the slow reference, same log-probs and gradients)")
     a("--top_k", type=nonnegative_int, default=0, help="sample from the k likeliest tokens (0: all)")
     # optimisation (a step: one rollout, then --num_iterations x --mini_batches updates)
     vlm.add_training_args(ap, lr=1e-6, schedule="constant", warmup_ratio=0.0)
@@ -290,8 +293,8 @@ def score(policy, prompts, prompt_rows, ids, mask, args, bf16):
         idx = list(range(s, min(s + args.micro_batch_size, len(prompt_rows))))
         keep = used_columns(mask[idx])
         with vlm.autocast(ids.device, bf16):
-            out[idx, :keep] = policy(prompts.select([prompt_rows[i] for i in idx]), ids[idx, :keep],
-                                     mask[idx, :keep], temperature=args.temperature)
+            out[idx, :keep] = policy(prompts, ids[idx, :keep], mask[idx, :keep], [prompt_rows[i] for i in idx],
+                                     temperature=args.temperature, shared_prefix=args.prefix_forward == "shared")
     policy.train(was_training)
     return out
 
@@ -400,8 +403,9 @@ def update(r, adv, training, args, d, stats):
                 sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
                 with (contextlib.nullcontext() if sync else training.trainable.no_sync()), \
                         vlm.autocast(d.device, training.bf16):
-                    logp, entropy = training.trainable(r.prompts.select([r.prompt_rows[j] for j in idx]), ids, mask,
-                                                       temperature=args.temperature, return_entropy=True)
+                    logp, entropy = training.trainable(r.prompts, ids, mask, [r.prompt_rows[j] for j in idx],
+                                                       temperature=args.temperature, return_entropy=True,
+                                                       shared_prefix=args.prefix_forward == "shared")
                     # on-policy (one update per rollout) the old log-probs are the current ones, detached:
                     # the ratio is exactly 1 and its gradient is ∇logp, i.e. REINFORCE with a group baseline
                     logp_old = old[idx, :keep] if old is not None else logp.detach()
@@ -469,6 +473,8 @@ def make_reward(args, table, d):
 
 
 def main(argv=None):
+    from common import warn_large_images
+    from data.records import check_triplets, require_fields
     args = parse_args(argv)
     d = init_distributed(args.device)
     seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
@@ -480,6 +486,11 @@ def main(argv=None):
 
     table = load_classes(args.classes) if args.classes else None
     records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
+    # what the reward, the question and TAPO read from every record, checked before the model loads
+    require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
+    require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
+    if args.tapo:
+        check_triplets(records)
     names = class_names(table, "base") if table else None
     confusions = {}
     if args.confusions:
@@ -488,6 +499,7 @@ def main(argv=None):
     reward_fn = make_reward(args, table, d)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.prompts_per_step))
     training = vlm.setup_training(args, d, steps * args.num_iterations * args.mini_batches, reference=args.beta > 0)
+    warn_large_images(records, training.processor)
     cursor = training.resumed.get("cursor", 0)
     totals = training.resumed.get("totals", {"skipped_updates": 0, "bad_images": 0})
     items = Items(records, args.seed)

@@ -45,7 +45,7 @@ from collections import Counter
 
 import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, cleanup, generator_of,
-                    init_distributed, nonnegative_int, positive_int, print0, rng_of, shard)
+                    init_distributed, nonnegative_int, option_count, print0, rng_of, shard, warn_large_images)
 from data.prompts import open_question
 from data.records import ImageError, classes_of, load_classes, load_image, read_records, write_records
 from engine import sample_completions
@@ -170,7 +170,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
         results, ok, images = {}, [], []
         for i in batch_idx:
             try:
-                images.append(load_image(records[i]["image"]))
+                images.append(load_image(records[i]["image"], processor.pixel_bounds[1]))
                 ok.append(i)
             except ImageError as e:
                 results[i] = (None, None, f"image: {e}")
@@ -269,7 +269,7 @@ def parse_args(argv=None):
     a("--data", required=True, help="records JSONL (e.g. data/toy/train.jsonl)")
     a("--classes", required=True, help="classes.json of the dataset (class list, aliases, base)")
     a("--out", required=True, help="output MCQ records JSONL; confusions.json goes beside it")
-    a("--k", type=positive_int, default=5, help="options per MCQ (the k most frequent valid answers)")
+    a("--k", type=option_count, default=5, help="options per MCQ (the k most frequent valid answers), 2 to 26")
     a("--class_list", default="base", choices=["base", "novel", "all", "none"],
       help="class names listed in the prompt (and counted as valid; none: base are valid)")
     a("--no_skip_trivial", dest="skip_trivial", action="store_false",
@@ -287,12 +287,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for flag, path in (("--data", args.data), ("--classes", args.classes)):
+        if os.path.realpath(args.out) == os.path.realpath(path):
+            raise SystemExit(f"--out {args.out} is {flag}: the MCQs written there would replace it; give another --out")
     d = init_distributed(args.device)
     table = load_classes(args.classes)
     records = read_records(args.data, skip_bad=args.skip_bad, classes=table)
     records = records[:args.limit] if args.limit else records
-    model = vlm.load_model(args.model, d.device, args.dtype)
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
+    warn_large_images(records, processor)
+    model = vlm.load_model(args.model, d.device, args.dtype)
 
     shards = ResumableShards(args.out, d)
     pending = [i for i in shard(list(range(len(records))), d) if i not in shards.done]

@@ -181,10 +181,21 @@ def mcq_choice(answer, options):
     return index
 
 
+def mcq_target(record):
+    """Index of an MCQ record's ground-truth option: its `answer` must be exactly one of the option letters,
+    else ValueError (LETTERS.index would read "" and "AB" as option A and "BC" as option B)."""
+    letters = LETTERS[:len(record.get("options") or ())]
+    answer = record.get("answer")
+    if not (isinstance(answer, str) and len(answer) == 1 and answer in letters):
+        raise ValueError(f"answer {answer!r} is not one of the option letters {letters}")
+    return letters.index(answer)
+
+
 def mcq_correct(answer, record):
-    """True if the answer picks the record's target option (record["answer"] is its letter)."""
-    choice = mcq_choice(answer, record["options"])
-    return choice is not None and choice == LETTERS.index(record["answer"].strip().upper())
+    """True if the answer picks the record's target option (record["answer"] is its letter; a record
+    whose answer is not one option's letter raises ValueError, see `mcq_target`)."""
+    target = mcq_target(record)
+    return mcq_choice(answer, record["options"]) == target
 
 
 # -----------------------------------------------------------------------------
@@ -507,6 +518,11 @@ class Reward:
     @property
     def needs_verifier(self):
         return any(name in SPECIFICITY_TERMS for name, _ in self.terms)
+
+    @property
+    def record_fields(self):
+        """The fields every scored record must carry besides its label: the mcq term's options and answer."""
+        return ("options", "answer") if any(name == "mcq" for name, _ in self.terms) else ()
 
     @property
     def spec(self):

@@ -33,7 +33,7 @@ import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
                     init_distributed, nonnegative_int, positive_int, print0, progress, seed_process,
-                    shard)
+                    shard, warn_large_images)
 from data.prompts import question_for
 from data.records import ImageError, class_names, load_classes, load_image, read_records
 
@@ -82,7 +82,7 @@ def encode_examples(examples, processor, device, max_new_tokens):
     images, questions, targets, bad = [], [], [], 0
     for path, question, target in examples:
         try:
-            images.append(load_image(path))
+            images.append(load_image(path, processor.pixel_bounds[1]))
         except ImageError as e:
             print(f"warning: skipped {e}", flush=True)
             bad += 1
@@ -152,6 +152,7 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * (len(train) // args.batch_size)))
 
     training = vlm.setup_training(args, d, total_steps)
+    warn_large_images(records, training.processor)
     skipped_steps = training.resumed.get("skipped_steps", 0)
     print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
            f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")

@@ -358,27 +358,132 @@ def _token_logprobs(hidden, weight, targets, temperature, want_entropy):
     return logp, entropy.detach()
 
 
-def sequence_logprobs(model, batch, completion_ids, completion_mask, *, temperature=1.0, chunk_size=1024,
-                      return_entropy=False):
-    """log softmax(logits / T)[o_t] of each completion token, from one forward over prompt ⊕ completion.
+def completion_lengths(mask):
+    """Per row, the columns up to its last masked-in token (0 for an empty row): the part of a
+    right-padded completion a forward needs."""
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (columns * (mask > 0)).amax(1)
 
-    `batch` holds one row per completion (use `PromptBatch.repeat_interleave(G)` for groups). The
-    vocabulary projection runs over chunks of `chunk_size` positions, each under activation
-    checkpointing when gradients are on, so only one chunk of (rows × chunk × vocab) fp32 logits exists
-    at a time, in the forward and in the backward. Returns (B, L) log-probs [and entropies].
-    """
-    B, Tp = batch.input_ids.shape
-    L = completion_ids.shape[1]
-    cmask = completion_mask.to(batch.attention_mask.dtype)
-    completion_pos = batch.next_positions()[..., None] + torch.arange(L, device=completion_ids.device)
+
+@dataclass
+class SharedPrefixLayout:
+    """Completions packed behind their prompts: one row per distinct prompt, holding the prompt (left-
+    padded as in the PromptBatch) and then each of its completions one after another. `attend` lets a
+    prompt token see the prompt causally, and a completion token see its prompt and, causally, its own
+    completion, never another completion of the row. `gather` (rows, cols) picks, for each completion
+    position t, the packed position whose hidden state predicts token t (the prompt's last token for
+    t = 0, else the completion's own token t - 1)."""
+    input_ids: torch.Tensor          # (R, S)
+    position_ids: torch.Tensor       # (3, R, S)
+    mm_token_type_ids: torch.Tensor  # (R, S)
+    attend: torch.Tensor             # (R, 1, S, S) bool, True = may attend
+    gather_rows: torch.Tensor        # (N, 1)
+    gather_cols: torch.Tensor        # (N, L)
+    prompts: PromptBatch             # the R distinct prompt rows (their pixels feed the vision tower)
+
+
+def shared_prefix_layout(batch, prompt_rows, completion_ids, completion_mask):
+    """Pack completion i behind prompt row `prompt_rows[i]` of `batch` (see SharedPrefixLayout).
+
+    Positions continue each prompt's M-RoPE positions, restarting after the prompt for every completion,
+    so completion i sees exactly the positions, keys and values it sees in a forward of its own."""
+    distinct = list(dict.fromkeys(prompt_rows))          # prompt rows in order of first use
+    slot = {row: r for r, row in enumerate(distinct)}
+    prompts = batch.select(distinct)
+    R, Tp = prompts.input_ids.shape
+    N, L = completion_ids.shape
+    device = completion_ids.device
+    lengths = completion_lengths(completion_mask).tolist()
+    starts, ends = [], [Tp] * R
+    for i, row in enumerate(prompt_rows):
+        r = slot[row]
+        starts.append(ends[r])
+        ends[r] += lengths[i]
+    S = max(ends)
+    input_ids = torch.zeros(R, S, dtype=torch.long, device=device)
+    position_ids = torch.zeros(3, R, S, dtype=torch.long, device=device)
+    key_ok = torch.zeros(R, S, dtype=torch.bool, device=device)
+    segment = torch.full((R, S), -2, dtype=torch.long, device=device)  # -1 prompt, i completion i, -2 padding
+    input_ids[:, :Tp], position_ids[:, :, :Tp] = prompts.input_ids, prompts.position_ids
+    key_ok[:, :Tp], segment[:, :Tp] = prompts.attention_mask.bool(), -1
+    first = prompts.next_positions()                      # (3, R)
+    gather_cols = torch.full((N, L), Tp - 1, dtype=torch.long, device=device)
+    for i, row in enumerate(prompt_rows):
+        r, s, n = slot[row], starts[i], lengths[i]
+        input_ids[r, s:s + n] = completion_ids[i, :n]
+        position_ids[:, r, s:s + n] = first[:, r, None] + torch.arange(n, device=device)
+        key_ok[r, s:s + n] = completion_mask[i, :n] > 0
+        segment[r, s:s + n] = i
+        gather_cols[i, 1:n] = torch.arange(s, s + n - 1, device=device)
+    q, k = torch.arange(S, device=device)[:, None], torch.arange(S, device=device)[None, :]
+    same = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])  # (R, S_q, S_k)
+    attend = (k <= q) & same & key_ok[:, None, :] & (segment != -2)[:, :, None]
+    # a padding position attends to itself: no query row is fully masked (softmax over nothing is NaN,
+    # and NaN values would leak through the zero weights of the rows that do read them)
+    attend |= torch.eye(S, dtype=torch.bool, device=device) & ~attend.any(-1, keepdim=True)
+    mm = torch.zeros(R, S, dtype=torch.long, device=device)
+    mm[:, :Tp] = prompts.mm_token_type_ids
+    rows = torch.tensor([slot[row] for row in prompt_rows], dtype=torch.long, device=device)[:, None]
+    return SharedPrefixLayout(input_ids, position_ids, mm, attend[:, None], rows, gather_cols, prompts)
+
+
+def _mask_for(model, attend, dtype):
+    """The 4-D mask in the form the model's attention takes: boolean for sdpa, additive for eager."""
+    kind = model.config._attn_implementation
+    if kind == "sdpa":
+        return attend
+    if kind == "eager":
+        return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(~attend, torch.finfo(dtype).min)
+    raise ValueError(f"the shared-prefix forward needs sdpa or eager attention, not {kind!r} "
+                     f"(or score one row per completion: --prefix_forward per_row)")
+
+
+def completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows=None, shared_prefix=True):
+    """(N, L, hidden): the last layer's state before each completion token (the one that predicts it).
+
+    Per row (the reference): prompt ⊕ completion for each completion, the prompt repeated as often as it
+    has completions. Shared prefix: each distinct prompt once, its completions packed behind it
+    (`shared_prefix_layout`), so the vision tower and the prompt's layers run once per prompt row; each
+    completion attends to its prompt's keys and values as it would in its own row, so the states, and
+    the gradients that flow back into the prompt (summed over its completions), are the same."""
+    N, L = completion_ids.shape
+    given_rows = prompt_rows
+    prompt_rows = list(range(N)) if prompt_rows is None else list(prompt_rows)
+    if not shared_prefix or len(set(prompt_rows)) == N:  # per row (or nothing to share)
+        rows = batch if given_rows is None else batch.select(prompt_rows)
+        Tp = rows.input_ids.shape[1]
+        cmask = completion_mask.to(rows.attention_mask.dtype)
+        completion_pos = rows.next_positions()[..., None] + torch.arange(L, device=completion_ids.device)
+        return model.model(
+            input_ids=torch.cat([rows.input_ids, completion_ids], 1),
+            attention_mask=torch.cat([rows.attention_mask, cmask], 1),
+            position_ids=torch.cat([rows.position_ids, completion_pos], 2),
+            # without mm_token_type_ids transformers silently falls back to 1-D positions inside the model
+            mm_token_type_ids=torch.cat([rows.mm_token_type_ids, torch.zeros_like(completion_ids)], 1),
+            pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw, use_cache=False,
+        ).last_hidden_state[:, Tp - 1:Tp - 1 + L]  # the state before token t predicts token t
+    pack = shared_prefix_layout(batch, prompt_rows, completion_ids, completion_mask)
     hidden = model.model(
-        input_ids=torch.cat([batch.input_ids, completion_ids], 1),
-        attention_mask=torch.cat([batch.attention_mask, cmask], 1),
-        position_ids=torch.cat([batch.position_ids, completion_pos], 2),
-        # without mm_token_type_ids transformers silently falls back to 1-D positions inside the model
-        mm_token_type_ids=torch.cat([batch.mm_token_type_ids, torch.zeros_like(completion_ids)], 1),
-        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, use_cache=False,
-    ).last_hidden_state[:, Tp - 1:Tp - 1 + L]  # the state before token t predicts token t
+        input_ids=pack.input_ids, attention_mask=_mask_for(model, pack.attend, model.lm_head.weight.dtype),
+        position_ids=pack.position_ids, mm_token_type_ids=pack.mm_token_type_ids,
+        pixel_values=pack.prompts.pixel_values, image_grid_thw=pack.prompts.image_grid_thw, use_cache=False,
+    ).last_hidden_state
+    return hidden[pack.gather_rows, pack.gather_cols]
+
+
+def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_rows=None, temperature=1.0,
+                      chunk_size=1024, return_entropy=False, shared_prefix=True):
+    """log softmax(logits / T)[o_t] of each completion token, from one forward over prompts and completions.
+
+    Completion i continues prompt row `prompt_rows[i]` of `batch` (default: row i). With `shared_prefix`
+    a prompt that several completions continue (a GRPO group) is encoded once for all of them; without,
+    once per completion, the reference it is tested against (`completion_hidden_states`). The vocabulary
+    projection runs over chunks of `chunk_size` positions, each under activation checkpointing when
+    gradients are on, so only one chunk of (rows × chunk × vocab) fp32 logits exists at a time, in the
+    forward and in the backward. Returns (N, L) log-probs [and entropies].
+    """
+    L = completion_ids.shape[1]
+    hidden = completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows, shared_prefix)
     weight = model.lm_head.weight
     logps, entropies = [], []
     for s in range(0, L, chunk_size):
@@ -399,7 +504,7 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, temperat
 class Policy(nn.Module):
     """The model as training sees it, and the module that DDP / FSDP2 wrap.
 
-    `policy(batch, completion_ids, completion_mask)` = `sequence_logprobs`; any other call (the sampler's
+    `policy(batch, completion_ids, completion_mask, prompt_rows=...)` = `sequence_logprobs`; any other call (the sampler's
     prefill and decode steps) goes to the Hugging Face model. Both pass through this module's forward,
     so data-parallel wrappers see every call (FSDP2 gathers its root parameters there)."""
 
@@ -411,12 +516,12 @@ class Policy(nn.Module):
     def config(self):
         return self.vlm.config
 
-    def forward(self, batch=None, completion_ids=None, completion_mask=None, temperature=1.0,
-                return_entropy=False, **lm_kwargs):
+    def forward(self, batch=None, completion_ids=None, completion_mask=None, prompt_rows=None, temperature=1.0,
+                return_entropy=False, shared_prefix=True, **lm_kwargs):
         if batch is None:
             return self.vlm(**lm_kwargs)
-        return sequence_logprobs(self.vlm, batch, completion_ids, completion_mask, temperature=temperature,
-                                 return_entropy=return_entropy)
+        return sequence_logprobs(self.vlm, batch, completion_ids, completion_mask, prompt_rows=prompt_rows,
+                                 temperature=temperature, return_entropy=return_entropy, shared_prefix=shared_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,12 +12,11 @@ The layouts are described in shared/datasets.md. Bad input fails with the file a
 or the file and item; a missing index file names the file and the layout expected.
 """
 
-import json
 import os
 import re
 from pathlib import Path
 
-from .records import RecordError, read_records
+from .records import RecordError, read_json, read_records
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -74,14 +73,6 @@ def make_class(cid, name, aliases=(), parents=()):
             clean.append(alias)
     parents = [p for i, p in enumerate(parents) if p and p != name and p not in parents[:i]]
     return {"id": cid, "name": name, "aliases": clean, "parents": parents}
-
-
-def _load_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, f"invalid JSON ({e.msg})") from None
 
 
 def _classes_from_labels(path, entries):
@@ -358,7 +349,7 @@ def load_coop(root, dataset, images=None):
     `dataset` picks the naming rules (cars: make parent and year aliases; pets: species parent).
     """
     path = find_coop_split(root)
-    data = _load_json(path)
+    data = read_json(path)
     entries = []
     for split in ("train", "val", "test"):
         for i, entry in enumerate(data.get(split, [])):
@@ -401,7 +392,7 @@ def load_flowers_mat(root):
     root = Path(root)
     labels = _loadmat(root / "imagelabels.mat", FLOWERS_LAYOUT)["labels"].ravel()
     setid = _loadmat(root / "setid.mat", FLOWERS_LAYOUT)
-    names = _load_json(_need(root / "cat_to_name.json", FLOWERS_LAYOUT))
+    names = read_json(_need(root / "cat_to_name.json", FLOWERS_LAYOUT))
     classes = [make_class(i, names[str(i + 1)]) for i in range(len(names))]
     splits = {}
     for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
@@ -482,7 +473,7 @@ def load_divek(root, setting, dataset, images=None):
     for key, (rel, is_base) in DIVEK_FILES[setting].items():
         path = _need(root / rel, layout)
         items = []
-        for i, entry in enumerate(_load_json(path)):
+        for i, entry in enumerate(read_json(path)):
             match = re.search(r"<answer>(.*?)</answer>", str(entry.get("solution", "")), re.S)
             if not match or "image_path" not in entry:
                 raise ValueError(f"{path}: item {i}: expected image_path and solution '<answer>NAME</answer>'")
@@ -493,7 +484,7 @@ def load_divek(root, setting, dataset, images=None):
         loaded[key] = items
     index_file = root / "zero_shot" / "all_class_to_idx.json"
     if index_file.exists():
-        ids = {k.strip().rstrip(".").strip(): int(v) - 1 for k, v in _load_json(index_file).items()}
+        ids = {k.strip().rstrip(".").strip(): int(v) - 1 for k, v in read_json(index_file).items()}
         names = sorted(ids, key=ids.get)
     else:
         seen = {name for items in loaded.values() for _, name in items}
@@ -550,7 +541,7 @@ def load_folder(root):
 def load_manifest(path):
     """A JSONL manifest, {"image": path, "label": name} per line, optionally "split" (train / val /
     test; default train) and "aliases" / "parents". Class ids follow the sorted label names."""
-    records = read_records(path)
+    records = read_records(path, shared_aliases=True)  # prepare drops an alias two classes share, saying so
     names = sorted({r["label"] for r in records})
     index = {name: i for i, name in enumerate(names)}
     extra = {}

@@ -17,6 +17,7 @@ Nothing here imports torch: data does not depend on the model.
 """
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -24,7 +25,6 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageOps
 
-from .prompts import LETTERS
 
 IMAGE_KEYS = ("image", "positive", "negative")  # fields holding image paths
 STR_KEYS = ("label", "dataset", "split", "question", "target", "answer", "negative_label")
@@ -60,15 +60,30 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path):
+def _decode_smaller(image, max_pixels):
+    """Ask PIL to decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling: the full-size pixels never exist
+    in memory), as small as it goes with at least `max_pixels` pixels left, so the processor still only
+    shrinks the image, to the same patch grid. A 100-megapixel photo no longer takes gigabytes before it
+    is resized; an image the bound does not halve on both sides is decoded exactly as before."""
+    w, h = image.size
+    f = math.sqrt(max_pixels / (w * h))
+    size = (math.ceil(w * f), math.ceil(h * f))  # the bound's area in the image's shape
+    if w >= 2 * size[0] and h >= 2 * size[1]:  # else PIL would decode it at full size anyway
+        image.draft(None, size)  # a no-op for formats other than JPEG
+
+
+def load_image(path, max_pixels=None):
     """Open an image, decode it fully and convert it to RGB (`to_rgb`).
 
     `.load()` forces the decode now: PIL opens lazily, and a truncated JPEG would otherwise only fail
     later, deep inside a training step. Missing, corrupt and truncated files, and images too elongated
-    for Qwen2.5-VL (over 200:1), raise ImageError naming the file.
+    for Qwen2.5-VL (over 200:1), raise ImageError naming the file. With `max_pixels` (the processor's
+    bound) a JPEG many times larger is decoded smaller (`_decode_smaller`).
     """
     try:
         with Image.open(path) as image:
+            if max_pixels:
+                _decode_smaller(image, max_pixels)
             image.load()
             image = to_rgb(image)
     except FileNotFoundError:
@@ -85,9 +100,9 @@ def load_image(path):
 # ----------------------------------------------------------------------------------------------
 # reading
 
-def _check_fields(record, known_labels, names=None):
-    """The reason a parsed record is bad, or None. Types are checked only for the fields we know; with
-    `names` (`name_index` of the class table) an alias must not also name another class."""
+def _check_fields(record, known_labels, names):
+    """The reason a parsed record is bad, or None. Types are checked only for the fields we know; an alias
+    must not also name another class in `names` ({normalised name: classes}, see scan_records)."""
     for key in ("image", "label"):
         if key not in record:
             return f"missing field '{key}'"
@@ -103,42 +118,63 @@ def _check_fields(record, known_labels, names=None):
         value = record.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return f"field '{key}' must be a list of strings"
+    from reward import mcq_target, names_of, normalize  # plain Python: the one definition of an MCQ's target
     if "options" in record:
         if len(record["options"]) < 2:
             return "field 'options' needs at least 2 options"
         if "answer" in record:
-            letters = LETTERS[:len(record["options"])]
-            if len(record["answer"]) != 1 or record["answer"] not in letters:  # "" and "AB" are substrings too
-                return f"answer {record['answer']!r} is not one of the option letters {letters}"
+            try:
+                option = record["options"][mcq_target(record)]
+            except ValueError as e:
+                return str(e)
+            if normalize(option) not in names_of(record):  # the reward scores the letter, so it must be the label
+                return f"answer {record['answer']!r} is option {option!r}, not the label {record['label']!r}"
     if known_labels is not None and record["label"] not in known_labels:
         return f"unknown label {record['label']!r}"
-    if names is not None:
-        from reward import normalize
-        for alias in record.get("aliases") or []:
-            others = sorted(names.get(normalize(alias), set()) - {record["label"]})
-            if others:
-                return (f"alias {alias!r} of {record['label']!r} also names class {others[0]!r}: an answer "
-                        f"{alias!r} would be credited to both")
+    for alias in record.get("aliases") or []:
+        others = sorted(names.get(normalize(alias), set()) - {record["label"]})
+        if others:
+            return (f"alias {alias!r} of {record['label']!r} also names class {others[0]!r}: an answer "
+                    f"{alias!r} would be credited to both")
     return None
 
 
-def scan_records(path, *, check_images=False, known_labels=None, classes=None):
+def _utf8(data, path, first_line=1):
+    """Bytes read from `path` as text; bytes that are not UTF-8 (a file saved as cp1252 or Latin-1) raise
+    RecordError naming the line and byte, where a bare UnicodeDecodeError names neither file nor line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        raise RecordError(path, first_line + data.count(b"\n", 0, e.start),
+                          f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}); "
+                          "save the file as UTF-8") from None
+
+
+def scan_records(path, *, check_images=False, known_labels=None, classes=None, shared_aliases=False):
     """Yield (record, None) for each good line and (None, RecordError) for each bad one.
 
     The slow, thorough pass behind read_records and `prepare check`: it goes on after a bad line so a
-    user sees every problem at once. `classes` (a class table) gives the known labels and the names an
-    alias must not share.
+    user sees every problem at once. `classes` (a class table) gives the known labels. An alias must not
+    name another class: one of the table's, or (unless `shared_aliases`: a raw manifest, which prepare
+    cleans) one named by an earlier good record's label or aliases.
     """
+    from reward import names_of
     path = str(path)
-    names = None
+    names = {}
     if classes is not None:
         known_labels = set(class_names(classes)) if known_labels is None else known_labels
         names = name_index(classes)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: records file not found")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, and the lines after it still read
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = _utf8(raw, path, number)
+            except RecordError as e:
+                yield None, e
+                continue
             if not line.strip():
                 continue
             try:
@@ -165,22 +201,25 @@ def scan_records(path, *, check_images=False, known_labels=None, classes=None):
             if reason is not None:
                 yield None, RecordError(path, number, reason)
                 continue
+            if not shared_aliases:  # a later record's alias must not name this class
+                for name in names_of(record):
+                    names.setdefault(name, set()).add(record["label"])
             record["_src"] = f"{path}:{number}"
             yield record, None
 
 
-def read_records(path, *, check_images=False, skip_bad=False, known_labels=None, classes=None):
+def read_records(path, *, check_images=False, skip_bad=False, known_labels=None, classes=None, shared_aliases=False):
     """Read a JSONL records file into a list of dicts.
 
-    Blank lines are ignored. A bad line (invalid JSON, a missing or mistyped field, an MCQ answer that is
-    not one option's letter, a label outside `known_labels` or the class table `classes`, an alias that
-    also names another class, with `check_images` an image that does not decode or that Qwen2.5-VL
-    refuses) raises RecordError "file:line: reason"; with `skip_bad` it is dropped and one summary line
-    goes to stderr.
+    Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a missing or mistyped field, an MCQ answer
+    that is not one option's letter or not the label's, a label outside `known_labels` or the class table
+    `classes`, an alias that also names another class (see scan_records), with `check_images` an image that
+    does not decode or that Qwen2.5-VL refuses) raises RecordError "file:line: reason"; with `skip_bad` it
+    is dropped and one summary line goes to stderr.
     """
     records, bad, first = [], 0, None
     for record, problem in scan_records(path, check_images=check_images, known_labels=known_labels,
-                                        classes=classes):
+                                        classes=classes, shared_aliases=shared_aliases):
         if record is not None:
             records.append(record)
             continue
@@ -191,6 +230,26 @@ def read_records(path, *, check_images=False, skip_bad=False, known_labels=None,
     if bad:
         print(f"{path}: skipped {bad} bad record(s); first: {first}", file=sys.stderr)
     return records
+
+
+def require_fields(records, fields, needed_by):
+    """Stop before any work when records lack one of `fields`, which `needed_by` (a flag) reads: one line
+    naming the first such record's file:line and how many there are (a KeyError mid-run names neither)."""
+    lacking = [r for r in records if any(field not in r for field in fields)]
+    if lacking:
+        raise SystemExit(f"{lacking[0].get('_src', '?')}: no {' and '.join(map(repr, fields))}, which {needed_by} "
+                         f"needs ({len(lacking)} of {len(records)} records)")
+
+
+def check_triplets(records):
+    """TAPO (grpo.py --tapo) takes each anchor's look-alike negative from its `negative` field, else from the
+    images of another class: stop before any work when an anchor has neither, i.e. the data has one class.
+    (A positive always exists: another image of the class, or the anchor itself when it is the only one.)"""
+    labels = {r["label"] for r in records}
+    lacking = [r for r in records if not r.get("negative") and labels == {r["label"]}]
+    if lacking:
+        raise SystemExit(f"{lacking[0].get('_src', '?')}: no 'negative' image and no other class in the data to "
+                         f"draw one from, which --tapo needs ({len(lacking)} of {len(records)} records)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,11 +330,7 @@ def load_classes(path):
     path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, "classes.json")
-    with open(path, encoding="utf-8") as f:
-        try:
-            table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, f"invalid JSON ({e.msg})") from None
+    table = read_json(path)
     if not isinstance(table, dict) or not isinstance(table.get("classes"), list):
         raise ValueError(f"{path}: expected an object with a 'classes' list")
     for i, cls in enumerate(table["classes"]):
@@ -286,7 +341,31 @@ def load_classes(path):
         cls.setdefault("aliases", [])
         cls.setdefault("parents", [])
         cls.setdefault("base", True)
+    for part in [table] + list((table.get("parts") or {}).values()):
+        _check_names_differ(path, part["classes"])
     return table
+
+
+def read_json(path):
+    """A JSON file a user gives; bad JSON or text that is not UTF-8 raises RecordError naming the line."""
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(path, e.lineno, f"invalid JSON ({e.msg})") from None
+
+
+def _check_names_differ(path, classes):
+    """Two classes whose names are one once normalised cannot be told apart by an answer: every answer
+    naming one would be credited to both."""
+    from reward import normalize
+    first = {}
+    for i, cls in enumerate(classes):
+        j = first.setdefault(normalize(cls["name"]), i)
+        if j != i:
+            raise ValueError(f"{path}: classes #{j} {classes[j]['name']!r} and #{i} {cls['name']!r} have the same "
+                             "name: an answer naming it would be credited to both")
 
 
 def classes_of(table, dataset=None):

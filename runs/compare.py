@@ -5,7 +5,8 @@
 
 Each folder is one world (one seed) as runs/toy.sh leaves it: eval/<run>/metrics_*.json (evaluate.py) and
 <run>/log.jsonl (grpo.py) for the runs in RUNS. It prints one row per run, then for each paper its
-headline claim, the paper's number, the same difference here and a verdict; and writes, beside the
+headline claim, the paper's number, the same difference here and a verdict, then whether each GRPO run's
+training reward rose (`training_rewards`); and writes, beside the
 folders (or in --out), curves.png (each GRPO run's reward, accuracy, KL, entropy and completion length
 per step, averaged over seeds) and accuracy.png (base / novel / HM per run, ± std over seeds).
 
@@ -26,6 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import read_jsonl  # noqa: E402
 from evaluate import headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
 
 RUNS = [  # (folder, row name), in the table's order; runs/toy.sh trains and evaluates each
@@ -100,6 +102,45 @@ def format_claims(rows, n_seeds):
     return text_table(["claim", "paper", f"here ({n_seeds} seed{'s' if n_seeds > 1 else ''})", "verdict"], body)
 
 
+def reward_rise(rewards):
+    """(rise, its standard error) of a run's per-step training reward: the mean of the last quarter of
+    steps minus the mean of the first, the error from the steps' spread within each quarter."""
+    q = len(rewards) // 4
+    if q < 2:
+        return None, None
+    first, last = rewards[:q], rewards[-q:]
+    (m1, s1, _), (m2, s2, _) = mean_std(first), mean_std(last)
+    return m2 - m1, (s1 ** 2 / q + s2 ** 2 / q) ** 0.5
+
+
+def training_rewards(folders):
+    """[(run name, first quarter, last quarter, rise, standard error, verdict)] for each GRPO run, over the
+    seeds: quarters and rises averaged, errors combined. A run learns what it trains on when its reward
+    rises by >= 0.05 and by more than twice the error."""
+    out = []
+    names = dict(RUNS)
+    for run, _ in RUNS:
+        curves = [[r["reward_mean"] for r in read_jsonl(p) if "reward_mean" in r]
+                  for p in (os.path.join(f, run, "log.jsonl") for f in folders) if os.path.exists(p)]
+        rises = [(reward_rise(c), c) for c in curves]
+        rises = [(r, se, c) for (r, se), c in rises if r is not None]
+        if not rises:
+            continue
+        n = len(rises)
+        q = lambda c, last: mean_std(c[-(len(c) // 4):] if last else c[:len(c) // 4])[0]
+        first, last = (sum(q(c, end) for *_, c in rises) / n for end in (False, True))
+        rise = sum(r for r, _, _ in rises) / n
+        se = sum(s ** 2 for _, s, _ in rises) ** 0.5 / n
+        out.append((names[run], first, last, rise, se, "rises" if rise >= 0.05 and rise > 2 * se else "flat"))
+    return out
+
+
+def format_training_rewards(rows, n_seeds):
+    body = [[name, f"{a:.3f}", f"{b:.3f}", f"{r:+.3f} ± {se:.3f}", v] for name, a, b, r, se, v in rows]
+    seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    return text_table([f"training reward ({seeds})", "first quarter", "last quarter", "rise ± SE", "verdict"], body)
+
+
 def collect(folders):
     """{run: {header: [value per folder, in % or None]}} for the runs evaluated in any folder."""
     values = {}
@@ -123,6 +164,10 @@ def main(argv=None):
     print(summary(evals, labels, COLUMNS))
     print()
     print(format_claims(claims(values), len(args.folders)))
+    rises = training_rewards(args.folders)
+    if rises:
+        print()
+        print(format_training_rewards(rises, len(args.folders)))
     if args.no_plots:
         return
     out = args.out or os.path.dirname(os.path.abspath(args.folders[0]))

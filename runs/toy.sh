@@ -6,6 +6,7 @@
 #   WORLD=attributes bash runs/toy.sh   # the former main job: names that spell out the attributes, the
 #                                       # recipes starting from an SFT on the base classes
 #   STEPS=120 PROMPTS=16 bash runs/toy.sh   # a larger budget (the same for every recipe)
+#   PREFIX=per_row bash runs/toy.sh     # the GRPO update with one prompt per completion (the reference forward)
 #
 # The world (python -m data.prepare toy --names epithets --pretrain_naming): 64 classes, shape x colour x
 #   pattern, 32 base (trained on) / 32 novel (never seen in training). A name says the shape and colour and
@@ -49,6 +50,7 @@ GRPO_STEPS=${STEPS:-30}
 PROMPTS=${PROMPTS:-8}
 G=${G:-8}
 NPROC=${NPROC:-2}
+PREFIX=${PREFIX:-shared}
 SECONDS=0
 mkdir -p "$OUT"
 # LISTED: the classes the open question lists when evaluating (the split's: DiVE-k's protocol) and mining
@@ -108,7 +110,7 @@ mkdir -p "$W/eval"
 
 # 2. the recipes: the same budget, each with its paper's reward, prompt, loss and KL
 BUDGET="--max_steps $GRPO_STEPS --prompts_per_step $PROMPTS --num_samples $G --lr 3e-4 --temperature 1.0"
-RUN="--classes $D/classes.json --micro_batch_size 32 --prompts_per_call 8 --seed $S --device cpu"
+RUN="--classes $D/classes.json --micro_batch_size 32 --prompts_per_call 8 --seed $S --device cpu --prefix_forward $PREFIX"
 SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99"

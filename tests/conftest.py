@@ -23,37 +23,54 @@ def family(request):
     return request.param
 
 
-_BUILT = {}
-
-
-def built_once(name, family, build):
-    """`build()`, called once per session and family. The fixtures built per family are not session-scoped:
-    pytest rebuilds a session fixture each time consecutive tests switch its parameter, which the tests
-    narrowed to one family would make it do (a minute of rebuilt models)."""
-    if (name, family) not in _BUILT:
-        _BUILT[name, family] = build()
-    return _BUILT[name, family]
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, family):
     """A random tiny model with peaked weights (init std 0.1), so greedy outputs differ between rows."""
-    def build():
-        import tiny
-        path = str(tmp_path_factory.mktemp(f"tiny_{family}") / "model")
-        return tiny.build_tiny_model(path, seed=0, init_std=0.1, family=family)
-    return built_once("tiny_dir", family, build)
+    import tiny
+    path = str(tmp_path_factory.mktemp(f"tiny_{family}") / "model")
+    return tiny.build_tiny_model(path, seed=0, init_std=0.1, family=family)
 
 
-@pytest.fixture
-def tiny(tiny_dir, family):
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
     import vlm
-    return built_once("tiny", family, lambda: (vlm.load_model(tiny_dir), vlm.Processor.from_pretrained(tiny_dir)))
+    return vlm.load_model(tiny_dir), vlm.Processor.from_pretrained(tiny_dir)
 
 
 def random_image(h, w, seed):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def full_disk(whole_writes, then_chars):
+    """A stand-in for `open`, to monkeypatch into a module: the files it opens take `whole_writes` writes, then,
+    like a full disk, the first `then_chars` characters of the next one, which raises ENOSPC."""
+    import builtins
+    import errno
+    writes = [0]
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            writes[0] += 1
+            if writes[0] <= whole_writes:
+                return self.f.write(text)
+            self.f.write(text[:then_chars])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    return lambda path, *a, **k: FullDisk(builtins.open(path, *a, **k))
 
 
 @pytest.fixture
@@ -66,17 +83,13 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), 
            "cyan": (30, 220, 220), "magenta": (220, 30, 220), "grey": (128, 128, 128), "orange": (250, 140, 0)}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def squares(tmp_path_factory, family):
     """8 one-colour images with short SFT targets, and a tiny model whose BPE knows their words.
     Returns (folder, records path, model folder)."""
-    return built_once("squares", family, lambda: _squares(tmp_path_factory, family))
-
-
-def _squares(tmp_path_factory, family):
     from tiny import build_tiny_model
     from data.records import write_records
-    root = tmp_path_factory.mktemp(f"squares_{family}")
+    root = tmp_path_factory.mktemp("squares")
     records = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (56, 56), rgb).save(root / f"{name}.png")
@@ -122,11 +135,18 @@ def toy_world(tmp_path_factory):
     return root, corpus + [r["question"] + " " + r["target"] for r in sft_rows] + names
 
 
+_SMALL_WORLDS = {}
+
+
 @pytest.fixture
 def small_world(toy_world, family):
     """The toy world and a tiny model of `family` (peaked weights, BPE trained on the world's texts) after a
-    short SFT on it. Returns (folder, model folder)."""
-    return built_once("small_world", family, lambda: _small_world(toy_world, family))
+    short SFT on it. Returns (folder, model folder). Built once per family and session, by hand: a session
+    fixture would be rebuilt (10 s) each time consecutive tests switch families, as the tests narrowed to
+    one family make them do."""
+    if family not in _SMALL_WORLDS:
+        _SMALL_WORLDS[family] = _small_world(toy_world, family)
+    return _SMALL_WORLDS[family]
 
 
 def _small_world(toy_world, family):

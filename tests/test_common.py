@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import common
+from conftest import full_disk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,3 +44,73 @@ def test_resumable_shards_skip_finished_keys_and_merge_in_key_order(tmp_path):
     assert [r["key"] for r in rows] == [0, 1, 3, 5]
     assert common.read_jsonl(path) == rows
     assert os.listdir(tmp_path / "out") == ["rows.jsonl"]  # shards removed once merged
+
+
+def batches_of(keys, size):
+    return [[{"key": k, "v": "é" * k} for k in keys[s:s + size]] for s in range(0, len(keys), size)]
+
+
+def test_a_shard_cut_at_any_byte_of_its_last_line_resumes_to_the_same_bytes(tmp_path):
+    """A full disk or a kill mid-write leaves the last line cut short. Resuming cuts it away (it never glues
+    the next line onto it) and redoes its batch whole: the shard and the merged file come out byte for byte
+    as an uninterrupted pass writes them, wherever the cut fell."""
+    batches = batches_of(list(range(8)), 3)  # three batches: 3, 3 and 2 rows
+    straight = str(tmp_path / "straight" / "rows.jsonl")
+    shards = common.ResumableShards(straight, common.Dist())
+    for rows in batches:
+        shards.append(rows)
+    whole = open(shards.mine, "rb").read()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[0] + b"\n"  # everything before the last line
+    expected_merge = shards.merge()
+    expected = open(straight, "rb").read()
+    for cut in range(len(last), len(whole)):  # every byte offset of the last line (its newline included)
+        path = str(tmp_path / f"cut{cut}" / "rows.jsonl")
+        os.makedirs(os.path.dirname(path))
+        with open(f"{path}.shard0of1.jsonl", "wb") as f:
+            f.write(whole[:cut])
+        resumed = common.ResumableShards(path, common.Dist())
+        assert resumed.done == {0, 1, 2, 3, 4, 5}, cut
+        resumed.append(batches[-1])
+        assert open(resumed.mine, "rb").read() == whole, cut
+        assert resumed.merge() == expected_merge and open(path, "rb").read() == expected, cut
+
+
+def test_a_full_disk_mid_batch_loses_no_row(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a batch's line: the rows already saved stay, the cut batch is redone whole on
+    the rerun (the same batching as an uninterrupted pass), and no row is lost or doubled."""
+    path = str(tmp_path / "rows.jsonl")
+    batches = batches_of(list(range(8)), 2)
+    shards = common.ResumableShards(path, common.Dist())
+    shards.append(batches[0])
+    saved = os.path.getsize(shards.mine)
+    monkeypatch.setattr(common, "open", full_disk(whole_writes=0, then_chars=20), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        shards.append(batches[1])
+    monkeypatch.undo()
+    assert os.path.getsize(shards.mine) > saved and not open(shards.mine, "rb").read().endswith(b"\n")  # cut mid-line
+    rerun = common.ResumableShards(path, common.Dist())
+    assert rerun.done == {0, 1}
+    for rows in batches[1:]:
+        rerun.append(rows)
+    assert [r["key"] for r in rerun.merge()] == list(range(8))
+
+
+def test_a_log_cut_mid_line_keeps_every_row(tmp_path):
+    """Training logs append the same way: a row cut short by a crash is dropped, the next one is kept."""
+    path = str(tmp_path / "log.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    log = common.JsonlLog(path, common.Dist(), start_step=1)
+    log.write({"step": 2, "loss": 0.25})
+    assert common.read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+
+
+
+def test_a_device_that_is_not_here_is_refused_naming_the_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit, match=f"--device {device}: CUDA is not available"):
+            common.resolve_device(device)
+    with pytest.raises(SystemExit, match="--device gpu: "):
+        common.resolve_device("gpu")
+    assert common.resolve_device("auto") == torch.device("cpu") == common.resolve_device("cpu")

@@ -153,3 +153,31 @@ def test_toy_errors_kinds_knowledge_and_the_class_gap(tmp_path):
     text = toy_errors.report(str(folder), table)
     assert "base  (160): right 20%, epithet (listed) 20%, epithet (unlisted) 20%" in text
     assert "of 2 bits" in text and "base - novel +0.0 ± 0.0" in text
+
+
+def test_reward_rise_and_its_error():
+    rise, se = compare.reward_rise([0.1, 0.3, 0.5, 0.5, 0.5, 0.5, 0.6, 0.8])  # quarters [0.1, 0.3], [0.6, 0.8]
+    assert rise == pytest.approx(0.5)
+    assert se == pytest.approx((0.02 / 2 + 0.02 / 2) ** 0.5)  # sample variances 0.02 over 2 steps each
+    assert compare.reward_rise([0.1, 0.2, 0.3]) == (None, None)  # under two steps a quarter: no error
+
+
+def test_training_rewards_say_which_runs_rise(tmp_path):
+    folders = []
+    for seed in range(2):
+        folder = tmp_path / f"seed_{seed}"
+        for run, curve in (("exact", [0.1, 0.12, 0.1, 0.2, 0.3, 0.3, 0.4, 0.42]),   # rises
+                           ("divek", [0.3, 0.5, 0.3, 0.5, 0.3, 0.5, 0.33, 0.51]),   # +0.02: flat
+                           ("tapo", [0.1, 0.9, 0.5, 0.5, 0.5, 0.5, 0.2, 1.0])):     # +0.1, but SE 0.4: flat
+            os.makedirs(folder / run)
+            with open(folder / run / "log.jsonl", "w") as f:
+                for step, r in enumerate(curve, 1):
+                    f.write(json.dumps({"step": step, "reward_mean": r + seed / 10}) + "\n")
+        folders.append(str(folder))
+    rows = {name: rest for name, *rest in compare.training_rewards(folders)}
+    assert rows["Visual-RFT"][0] == pytest.approx(0.11 + 0.05) and rows["Visual-RFT"][1] == pytest.approx(0.41 + 0.05)
+    assert rows["Visual-RFT"][2] == pytest.approx(0.3) and rows["Visual-RFT"][4] == "rises"
+    assert rows["DiVE-k"][4] == "flat" and rows["Fine-R1"][4] == "flat"
+    assert list(rows) == ["Visual-RFT", "DiVE-k", "Fine-R1"]  # the table's order
+    text = compare.format_training_rewards(compare.training_rewards(folders), 2)
+    assert "training reward (2 seeds)" in text and "+0.300" in text

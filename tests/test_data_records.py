@@ -75,6 +75,9 @@ def test_blank_lines_are_ignored_and_line_numbers_count_them(tmp_path):
     ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "AB"}, "answer 'AB' is not one of"),
     ({"image": "a.png", "label": "x", "options": ["p", "q", "r"], "answer": "BC"}, "answer 'BC' is not one of"),
     ({"image": "a.png", "label": "x", "options": ["p"]}, "needs at least 2 options"),
+    ({"image": "a.png", "label": "x", "options": ["y", "x"], "answer": "A"},
+     "answer 'A' is option 'y', not the label 'x'"),
+    ({"image": "a.png", "label": "y", "aliases": ["X"]}, "alias 'X' of 'y' also names class 'x'"),
     ({"image": "a.png", "label": "parrot"}, "unknown label 'parrot'"),
 ])
 def test_bad_lines_name_file_line_and_reason(tmp_path, row, reason):
@@ -85,6 +88,41 @@ def test_bad_lines_name_file_line_and_reason(tmp_path, row, reason):
     assert str(e.value).startswith(f"{path}:2: ")
     assert reason in str(e.value)
     assert e.value.line == 2
+
+
+def test_an_alias_two_classes_share_is_refused_with_or_without_a_class_table(tmp_path, capsys):
+    """Records of two classes that both carry an alias: reward.is_correct would credit an answer naming it
+    to either class. Refused at the second one's line, whether or not classes.json lists the alias."""
+    png(tmp_path / "a.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "x", "aliases": ["sea bird"]},
+                                        {"image": "a.png", "label": "x", "aliases": ["sea bird"]},
+                                        {"image": "a.png", "label": "y", "aliases": ["Sea-Bird"]}])
+    table = {"classes": [{"id": 0, "name": "x"}, {"id": 1, "name": "y"}]}
+    for classes in (None, table):
+        with pytest.raises(RecordError, match=r"r.jsonl:3: alias 'Sea-Bird' of 'y' also names class 'x'"):
+            read_records(path, classes=classes)
+    assert [r["label"] for r in read_records(path, skip_bad=True)] == ["x", "x"]
+    assert "skipped 1 bad record(s)" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    """A JSONL file saved as cp1252 (a Windows editor's default): file, line and byte, not a bare
+    UnicodeDecodeError; with skip_bad the line is dropped and counted; `prepare check` lists it."""
+    from data import prepare
+    png(tmp_path / "a.png")
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"image": "a.png", "label": "x"}\n{"image": "a.png", "label": "Caf\xe9"}\n'
+                     b'{"image": "a.png", "label": "y"}\n')
+    with pytest.raises(RecordError, match=r"r.jsonl:2: not UTF-8 text \(byte 0xe9 at column 33\)"):
+        read_records(path)
+    assert [r["label"] for r in read_records(path, skip_bad=True)] == ["x", "y"]
+    assert "skipped 1 bad record(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.main(["check", str(path)])
+    assert f"bad record: {path}:2: not UTF-8" in capsys.readouterr().err
+    (tmp_path / "classes.json").write_bytes(b'{"classes": [\n {"id": 0, "name": "Caf\xe9"}\n]}\n')
+    with pytest.raises(RecordError, match=r"classes.json:2: not UTF-8 text \(byte 0xe9"):
+        load_classes(tmp_path / "classes.json")
 
 
 def test_check_images_names_the_line_and_the_image(tmp_path):
@@ -165,6 +203,20 @@ def test_class_table_roundtrip_and_names(tmp_path):
 def test_class_table_with_wrong_ids_is_rejected(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps({"dataset": "x", "classes": [{"id": 1, "name": "a"}]}))
     with pytest.raises(ValueError, match="class #0 .* has id 1"):
+        load_classes(tmp_path / "classes.json")
+
+
+@pytest.mark.parametrize("names", [["Tern", "Gull", "Tern"], ["Arctic Tern", "Gull", "arctic-tern"]])
+def test_class_table_with_two_classes_of_one_name_is_rejected(tmp_path, names):
+    """Two classes an answer cannot tell apart (the same name, or the same once normalised): every answer
+    naming one would be credited to both, so the table is refused naming the two."""
+    table = {"dataset": "x", "classes": [{"id": i, "name": n} for i, n in enumerate(names)]}
+    (tmp_path / "classes.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=f"classes #0 {names[0]!r} and #2 {names[2]!r}"):
+        load_classes(tmp_path / "classes.json")
+    mixed = {"dataset": "mix", "classes": [], "parts": {"a": table}}
+    (tmp_path / "classes.json").write_text(json.dumps(mixed))
+    with pytest.raises(ValueError, match="classes #0"):
         load_classes(tmp_path / "classes.json")
 
 

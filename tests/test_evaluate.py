@@ -231,3 +231,21 @@ def test_compare_and_plot(tmp_path, capsys):
         assert os.path.getsize(png) > 0
     except ImportError:
         assert not os.path.exists(png) and "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_a_full_disk_mid_write_then_a_rerun_gives_every_prediction(world, tmp_path, monkeypatch):
+    """The disk fills up while a batch of predictions is being saved, leaving its line cut short; rerunning
+    the same command (as the README says) redoes that batch whole: every prediction is there, and the files
+    are byte for byte those of an uninterrupted run."""
+    import common
+    from conftest import full_disk
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    E.main(eval_args(world, straight, "open", "open_world"))
+    monkeypatch.setattr(common, "open", full_disk(whole_writes=2, then_chars=30), raising=False)
+    with pytest.raises(OSError, match="No space left"):  # in the first batch of test_novel.jsonl
+        E.main(eval_args(world, cut, "open", "open_world"))
+    monkeypatch.undo()
+    E.main(eval_args(world, cut, "open", "open_world"))
+    for name in sorted(os.listdir(straight)):
+        assert open(os.path.join(cut, name), "rb").read() == open(os.path.join(straight, name), "rb").read(), name
+    assert len(open(os.path.join(cut, "predictions_open.jsonl")).readlines()) == 6

@@ -204,6 +204,25 @@ def test_recipe_smoke(small_world, tmp_path, recipe):
     vlm.model_class(AutoConfig.from_pretrained(str(final))).from_pretrained(str(final))  # loadable by plain transformers
 
 
+@pytest.mark.parametrize("recipe", ["divek_mcq_full_ft", "tapo", "visual_rft_exact"])
+def test_shared_prefix_update_equals_per_row(small_world, tmp_path, recipe):
+    """One step of the update (policy, reference, old log-probs; TAPO's negative image and anchor +
+    positive rows; LoRA) with each group's prompt encoded once, against one row per completion."""
+    root, model = small_world
+    flags = list(RECIPES[recipe]) + ["--max_steps", "1", "--lora_dropout", "0"]  # dropout: other masks
+    if recipe == "tapo":
+        flags += ["--data", str(root / "triplets.jsonl")]
+    logs = [run(small_world, model, tmp_path / mode, *flags, "--prefix_forward", mode)[0] for mode in ("shared", "per_row")]
+    for k in ("reward_mean", "loss", "kl", "entropy", "tapo_kl", "clip_low", "grad_norm"):
+        assert abs(logs[0].get(k, 0.0) - logs[1].get(k, 0.0)) <= 1e-5 * max(1.0, abs(logs[1].get(k, 0.0))), k
+    shared, per_row = final_weights(tmp_path / "shared"), final_weights(tmp_path / "per_row")
+    start = load_file(os.path.join(model, "model.safetensors"))
+    assert max(float((shared[k] - start[k]).abs().max()) for k in shared) > 1e-4  # the step moved the weights
+    for k in shared:  # Adam's first step is ~lr·sign(gradient): float error moves entries whose gradient is
+        # near zero by a share of lr (up to 2e-5 seen), a wrong gradient by ~lr (1e-3)
+        torch.testing.assert_close(shared[k], per_row[k], atol=1e-4, rtol=0)
+
+
 def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
@@ -315,3 +334,25 @@ def test_an_unusable_image_is_named_up_front_or_replaced_and_counted(small_world
     monkeypatch.setattr(grpo, "read_records", lambda path, **kw: real(path, **dict(kw, check_images=False)))
     log = run(small_world, model, tmp_path / "mid", *data, "--prompts_per_step", str(len(records)))  # every item
     assert log[-1]["bad_images"] >= 1 and log[-1]["completion_length"] > 0
+
+
+def test_records_the_reward_the_prompt_or_tapo_cannot_use_are_refused_before_any_work(tmp_path):
+    """--reward mcq+format on open-ended records (a KeyError after the model loaded and sampled), --prompt mcq
+    likewise, and --tapo on one-class data, where no anchor has a negative to draw (an IndexError mid-step):
+    one line naming the first record's file:line and the flag, before the model loads (there is none here)."""
+    from PIL import Image
+    from data.records import write_records
+    records = []
+    for i in range(3):
+        Image.new("RGB", (56, 56), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        records.append({"image": str(tmp_path / f"{i}.png"), "label": "red circle"})
+    write_records(tmp_path / "open.jsonl", records)
+    args = ["--model", str(tmp_path / "no model"), "--data", str(tmp_path / "open.jsonl"), "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'options' and 'answer', which --reward mcq\+format needs "
+                                         r"\(3 of 3 records\)"):
+        grpo.main(args + ["--reward", "mcq+format"])
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'options', which --prompt mcq needs"):
+        grpo.main(args + ["--reward", "exact", "--prompt", "mcq"])
+    with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'negative' image and no other class .* --tapo"):
+        grpo.main(args + ["--reward", "exact", "--tapo"])

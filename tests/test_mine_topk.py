@@ -265,3 +265,35 @@ def test_two_ranks_equal_one_rank(world, tmp_path):
     rows = [json.loads(line) for line in outs[1][0].splitlines()]
     assert len(rows) == 5 and all(len(r["mined_texts"]) == 4 for r in rows)
     assert len({tuple(r["mined_texts"]) for r in rows}) == 5  # samples differ between images
+
+
+def test_a_full_disk_mid_write_then_a_rerun_gives_the_same_files(world, tmp_path, monkeypatch):
+    """The disk fills up while a batch of mined rows is being saved; the rerun redoes the cut batch with the
+    same batching and seeds (--prompts_per_call 2: a batch shares one generator), so every output file is
+    byte for byte that of an uninterrupted run."""
+    import common
+    from conftest import full_disk
+    monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
+    straight, cut = str(tmp_path / "straight" / "mcq.jsonl"), str(tmp_path / "cut" / "mcq.jsonl")
+    M.main(mine_args(world, straight, "--prompts_per_call", "2"))
+    monkeypatch.setattr(common, "open", full_disk(whole_writes=1, then_chars=50), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        M.main(mine_args(world, cut, "--prompts_per_call", "2"))
+    monkeypatch.setattr(common, "open", open, raising=False)
+    M.main(mine_args(world, cut, "--prompts_per_call", "2"))
+    for name in ("mcq.jsonl", "confusions.json"):
+        assert open(tmp_path / "cut" / name, "rb").read() == open(tmp_path / "straight" / name, "rb").read(), name
+    summary = lambda folder: {k: v for k, v in json.load(open(tmp_path / folder / "mcq.summary.json")).items()
+                              if k != "args"}
+    assert summary("cut") == summary("straight") and summary("cut")["images"] == 6
+
+
+def test_out_that_is_the_data_or_the_class_table_is_refused_before_any_work(world, tmp_path, monkeypatch):
+    """--out naming --data (here written another way) would replace the training records with MCQs."""
+    data = os.path.join(world["dir"], "train.jsonl")
+    before = open(data, "rb").read()
+    monkeypatch.chdir(world["dir"])
+    for flag, out in (("--data", "./images/../train.jsonl"), ("--classes", "classes.json")):
+        with pytest.raises(SystemExit, match=f"--out {out} is {flag}"):
+            M.main(mine_args(dict(world, model="no such model"), out))
+    assert open(data, "rb").read() == before

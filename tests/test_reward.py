@@ -231,6 +231,17 @@ def test_mcq_choice_other_options():
     assert R.mcq_choice("Tern", ["Tern", "tern"]) is None   # two options with one name: ambiguous
 
 
+@pytest.mark.parametrize("target", ["", "AB", "BC", "b", "E", None])
+def test_mcq_reward_refuses_a_record_whose_answer_is_not_one_letter(target):
+    """"" and "AB" are substrings of the letters (index 0: option A), "BC" reads as option B: the reward is
+    also a library others call, so it refuses such a record instead of crediting an option."""
+    record = dict(MCQ, answer=target)
+    with pytest.raises(ValueError, match="is not one of the option letters ABCD"):
+        R.mcq_correct("A", record)
+    with pytest.raises(ValueError, match="is not one of the option letters"):
+        R.parse_reward("mcq+format")([C("A")], [record])
+
+
 def test_mcq_reward_is_divek_sum():
     completions = [C("B"), C("A"), "<answer>B</answer>", C("B or C"), "no tags at all"]
     rewards, details = R.parse_reward("mcq+format")(completions, [MCQ] * 5, [0] * 5)

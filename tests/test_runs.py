@@ -187,7 +187,8 @@ REQUIRED = {"sft": ["--model", "m", "--data", "d", "--out", "o"], "grpo": ["--mo
     ("grpo", "--temperature", "0"), ("grpo", "--lora_r", "-4"), ("grpo", "--max_pixels", "0"),
     ("mine_topk", "--k", "0"), ("mine_topk", "--num_samples", "0"), ("mine_topk", "--max_new_tokens", "0"),
     ("mine_topk", "--prompts_per_call", "0"), ("evaluate", "--prompts_per_call", "0"), ("evaluate", "--k", "0"),
-    ("evaluate", "--num_samples", "x"),
+    ("evaluate", "--num_samples", "x"), ("mine_topk", "--k", "27"), ("mine_topk", "--k", "1"),
+    ("evaluate", "--k", "27"),
 ])
 def test_bad_arguments_are_refused_up_front_naming_the_flag(script, flag, value, capsys):
     """Before anything is loaded: argparse's usage error (exit status 2) naming the flag, never a traceback

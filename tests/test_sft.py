@@ -135,6 +135,39 @@ def test_resume_with_other_settings_is_refused_naming_them(squares, tmp_path):
     run("--lora_r", "4", "--max_steps", "2", "--resume", "--save_every", "1", "--micro_batch_size", "4")  # fine
 
 
+def test_resume_compares_paths_as_paths(squares, tmp_path, monkeypatch):
+    """The same run written differently resumes: --out with a trailing slash, paths relative to another
+    directory, a run folder copied elsewhere (its own files named under the new --out). A real difference is
+    still refused, naming the flag."""
+    import shutil
+    root, data, model_dir = squares
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.copy(data, tmp_path / "runA.jsonl")  # any data file: not opened before the comparison fails
+    monkeypatch.chdir(tmp_path)
+    model, data = os.path.relpath(model_dir), os.path.relpath(data)
+
+    def run(*flags):
+        sft.main(COMMON + ["--max_steps", "2", "--save_every", "2", "--lora_r", "4", "--no_check_images"]
+                 + list(flags))
+
+    os.makedirs("runA")
+    shutil.copy(os.path.join(root, "train.jsonl"), "runA/kept.jsonl")  # a file inside the run folder
+    run("--model", model, "--data", data, "--val_data", "runA/kept.jsonl", "--out", "runA")
+    run("--model", model, "--data", data, "--val_data", "runA/kept.jsonl", "--out", "runA/", "--resume")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    up = lambda p: os.path.join("..", p)
+    run("--model", up(model), "--data", up(data), "--val_data", "../runA/kept.jsonl", "--out", "../runA", "--resume")
+    shutil.copytree(tmp_path / "runA", tmp_path / "elsewhere" / "runB")
+    run("--model", os.path.abspath(up(model)), "--data", up(data), "--val_data", "runB/kept.jsonl", "--out", "runB",
+        "--resume")
+    with pytest.raises(SystemExit, match=r"--lr 0.001 then, 0.003 now"):
+        run("--model", up(model), "--data", up(data), "--val_data", "runB/kept.jsonl", "--out", "runB", "--resume",
+            "--lr", "3e-3")
+    with pytest.raises(SystemExit, match=r"--data \S*train.jsonl\S* then, \S*runA.jsonl\S* now"):
+        run("--model", up(model), "--data", "../runA.jsonl", "--val_data", "runB/kept.jsonl", "--out", "runB",
+            "--resume")
+
+
 def test_labels_are_checked_against_the_class_table(squares, tmp_path):
     import json
     from data.records import RecordError, write_classes

@@ -296,3 +296,46 @@ def test_prompts_are_what_the_hubs_own_template_gives(tiny, system_prompt, with_
         assert text == hub.prompt_text(question, with_image)
         assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and ("<|image_pad|>" in text) == with_image
         assert text.startswith("<|im_start|>system\n") == (family == "qwen2_5_vl" or system_prompt is not None)
+
+
+def test_a_large_jpeg_is_decoded_smaller_and_a_normal_one_exactly(tiny_dir, tmp_path):
+    """load_image(path, max_pixels) decodes a JPEG many times over the bound at a reduced DCT scale (PIL's
+    draft), never below the bound, so the processor still only shrinks it to the same patch grid; an image
+    the bound does not halve is decoded exactly as before, pixel for pixel, so the model sees the same."""
+    import numpy as np
+    from PIL import Image
+    from data.records import load_image
+    processor = vlm.Processor.from_pretrained(tiny_dir)  # at most 112² pixels
+    bound = processor.pixel_bounds[1]
+    for size in ((120, 90), (200, 150)):  # under, and 2.7x over the bound (not 4x: no halving)
+        random_image(size[1], size[0], seed=size[0]).save(tmp_path / "normal.jpg", quality=90)
+        plain, bounded = load_image(tmp_path / "normal.jpg"), load_image(tmp_path / "normal.jpg", max_pixels=bound)
+        assert bounded.size == plain.size and bounded.tobytes() == plain.tobytes()
+        a, b = (processor.encode([im], ["Hi"]) for im in (plain, bounded))
+        assert torch.equal(a.pixel_values, b.pixel_values)
+    gradient = np.linspace(0, 255, 1600, dtype=np.uint8)[None, :, None].repeat(1200, 0).repeat(3, 2)
+    Image.fromarray(gradient).save(tmp_path / "large.jpg", quality=90)
+    plain, small = load_image(tmp_path / "large.jpg"), load_image(tmp_path / "large.jpg", max_pixels=bound)
+    assert small.size == (200, 150) and small.size[0] * small.size[1] >= bound  # decoded at 1/8
+    a, b = (processor.encode([im], ["Hi"]) for im in (plain, small))
+    assert torch.equal(a.image_grid_thw, b.image_grid_thw)  # the same number of visual tokens
+    assert (a.pixel_values - b.pixel_values).abs().mean() < 0.05  # the same picture, resampled from fewer pixels
+
+
+def test_an_image_of_thousands_of_visual_tokens_is_warned_of_naming_the_flag(tiny_dir, tmp_path, capsys, family):
+    """A Hub checkpoint allows 16,384 visual tokens per image: said up front with the count and the flag to
+    set, rather than found out from an out-of-memory error. Image headers only: nothing is decoded."""
+    from PIL import Image
+    import common
+    Image.new("RGB", (2800, 2100), (200, 30, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (56, 56)).save(tmp_path / "small.png")
+    records = [{"image": str(tmp_path / "small.png")}, {"image": str(tmp_path / "big.png")}]
+    hub_bounds = vlm.Processor.from_pretrained(tiny_dir, max_pixels=HUB_PIXELS[family][1])
+    common.warn_large_images(records, hub_bounds)
+    out = capsys.readouterr().out.strip().splitlines()
+    n = {"qwen2_5_vl": 7500, "qwen3_vl": 5808}[family]  # 100 x 75 tokens of 28 px; 88 x 66 of 32 (2816x2112 px)
+    assert len(out) == 1 and "big.png" in out[0] and f"{n} visual tokens" in out[0] and "--max_pixels" in out[0]
+    assert f"e.g. {512 * hub_bounds.token_pixels}," in out[0]  # the example in the family's own unit
+    common.warn_large_images(records, vlm.Processor.from_pretrained(tiny_dir, max_pixels=512 * hub_bounds.token_pixels))
+    common.warn_large_images(records[:1], hub_bounds)
+    assert capsys.readouterr().out == ""
