@@ -16,8 +16,9 @@
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
     python bench.py --threads 1 --question listed --max_new_tokens 20 --micro_batch_size 8   # the toy's Visual-RFT update
-    python bench.py --shape 7b --text_layers 2 --vision_depth 2 --image_size 448 --prompts_per_call 1 \
-        --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --skip_generate --repeats 1   # 7B widths, CPU
+    python bench.py --shape 7b --text_layers 2 --vision_depth 2 --image_size 448 --question_tokens 100 \
+        --prompts_per_call 1 --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --update_only --repeats 1 \
+        --dtype bf16                                  # 7B widths, two layers per tower: the update on a CPU
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
     python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 512
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
@@ -153,6 +154,9 @@ def parse_args(argv=None):
     a("--question", default="short", choices=["short", "listed"],
       help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
            "mining prompt, ~250 tokens), with a tiny tokenizer trained on the world's names")
+    a("--question_tokens", type=int, default=0,
+      help="lengthen the question to about this many tokens with a list of the toy world's class names (e.g. "
+           "100: a question with a class list, as Visual-RFT-style prompts have)")
     a("--text_layers", type=int, default=0, help="real shapes: decoder layers (0: the real depth)")
     a("--vision_depth", type=int, default=0, help="real shapes: vision blocks (0: the real depth)")
     add_sampling_args(ap, num_samples=8, prompts_per_call=8, max_new_tokens=64)  # EOS disabled: every token counts
@@ -184,6 +188,12 @@ def main(argv=None):
     else:
         model = vlm.load_model(tiny_dir, device, args.dtype)
     proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
+    if args.question_tokens:
+        from data import prompts, toy
+        names, listed = [c["name"] for c in toy.make_world(names="epithets")], []
+        while names and len(proc.tokenizer(question)["input_ids"]) < args.question_tokens:
+            listed.append(names.pop(0))
+            question = prompts.open_question("toy", listed)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
               for _ in range(args.prompts_per_call)]

@@ -35,9 +35,10 @@ import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
                     epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
-                    positive_int, print0, progress, rng_of, seed_process)
+                    positive_int, print0, progress, rng_of, seed_process, warn_large_images)
 from data.prompts import question_for
-from data.records import ImageError, class_names, load_classes, load_image, read_records
+from data.records import (ImageError, check_triplets, class_names, load_classes, load_image, read_records,
+                          require_fields)
 from engine import sample_completions
 from lora import lora_disabled
 
@@ -473,8 +474,6 @@ def make_reward(args, table, d):
 
 
 def main(argv=None):
-    from common import warn_large_images
-    from data.records import check_triplets, require_fields
     args = parse_args(argv)
     d = init_distributed(args.device)
     seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
