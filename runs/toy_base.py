@@ -61,7 +61,7 @@ _DRAW = {}  # what the drawing process needs, set once by draw_init
 
 def draw_init(model_dir, world, classes, batch_size, seed):
     torch.set_num_threads(1)
-    _DRAW.update(processor=vlm.Processor.from_pretrained(model_dir, max_pixels=world["size"] ** 2), world=world,
+    _DRAW.update(processor=vlm.Processor.from_pretrained(model_dir), world=world,
                  classes=classes, batch_size=batch_size, seed=seed)
 
 
@@ -86,10 +86,13 @@ def main(argv=None):
     corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "sft_cot", "test_mcq")
                           if os.path.exists(os.path.join(args.data, f"{name}.jsonl"))])
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
+    # a visual token covers 28 px a side in Qwen2.5-VL, 32 in Qwen3-VL: Qwen3-VL's images are resized by 32/28
+    # (56 -> 64 px), so that both families see an image as the same number of tokens (4 at 56 px)
+    side = size * 2 * vlm.FAMILIES[args.family].patch_size // 28
     tiny = args.out + ".init"
-    build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
+    build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=side, vision_hidden=args.vision_hidden,
                      text_layers=args.text_layers, vision_depth=args.vision_depth, family=args.family)
-    model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny, max_pixels=size * size)
+    model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny)  # at most side² pixels
 
     table = load_classes(os.path.join(args.data, "classes.json"))
     world = table["config"]

@@ -125,6 +125,7 @@ def test_toy_base_model_builder(toy_world, tmp_path, family):
     the images drawn in a second process or in this one give the same model (one family is enough for that)."""
     root, _ = toy_world
     import torch
+    from PIL import Image
     from transformers import AutoConfig
     trained = {}
     for workers in ("1", "0") if family == "qwen2_5_vl" else ("0",):
@@ -136,6 +137,9 @@ def test_toy_base_model_builder(toy_world, tmp_path, family):
         assert "held-out attribute accuracy" in done.stdout
         cls = vlm.model_class(AutoConfig.from_pretrained(str(out)))
         trained[workers] = dict(cls.from_pretrained(str(out)).named_parameters())
+    size = json.load(open(root / "classes.json"))["config"]["size"]  # either family sees a world image as 4 tokens
+    batch = vlm.Processor.from_pretrained(str(out)).encode([Image.new("RGB", (size, size))], ["q"])
+    assert int(batch.mm_token_type_ids.sum()) == (size // 28) ** 2 == 4
     init = cls.from_pretrained(str(out) + ".init")
     changed = {n for n, a in init.named_parameters() if not torch.equal(a, trained["0"][n])}
     assert changed and all(".visual." in f".{n}" for n in changed)  # only the vision tower was trained
