@@ -133,15 +133,15 @@ def family_config(family, text, vision, token_ids, tie):
     text, vision = dict(text, **token_ids["text"]), dict(vision)
     rope = text.pop("rope")
     depth = vision["depth"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     if family == "qwen3_vl":
-        text.update(head_dim=text["hidden_size"] // text["num_attention_heads"])
+        text.update(head_dim=head_dim)  # a key of Qwen3-VL's config (4B: 128, not 2560 / 32 heads)
         rope.update(mrope_interleaved=True)
         deepstack = vision.pop("deepstack", [])
         vision.update(deepstack_visual_indexes=[i for i in deepstack if i < depth] or list(range(min(3, depth))))
     else:
         vision.update(window_size=112, fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1])
-    text["rope_parameters"] = dict(rope, rope_type="default", mrope_section=mrope_sections(
-        text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"], family))
+    text["rope_parameters"] = dict(rope, rope_type="default", mrope_section=mrope_sections(head_dim, family))
     cls = getattr(transformers, FAMILIES[family].config_class)
     return cls(text_config=text, vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2,
                                                     patch_size=FAMILIES[family].patch_size),
@@ -181,13 +181,13 @@ REAL_SHAPES = {
         num_key_value_heads=4, max_position_embeddings=128000), vision="qwen2.5"),
     "qwen3-2b": dict(family="qwen3_vl", tie=True, text=dict(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, max_position_embeddings=262144), vision="qwen3-small"),
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-small"),
     "qwen3-4b": dict(family="qwen3_vl", tie=True, text=dict(
         vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=262144), vision="qwen3-small"),
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-small"),
     "qwen3-8b": dict(family="qwen3_vl", tie=False, text=dict(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=262144), vision="qwen3-8b"),
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-8b"),
 }
 REAL_VISION = {  # the vision towers: one for Qwen2.5-VL 3B/7B, two sizes for Qwen3-VL
     "qwen2.5": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),

@@ -125,6 +125,19 @@ def test_build_tiny_model_is_deterministic(tmp_path, family):
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
 
 
+@pytest.mark.parametrize("shape,billions", [("3b", 3.75), ("7b", 8.29), ("qwen3-2b", 2.13), ("qwen3-4b", 4.44),
+                                            ("qwen3-8b", 8.77)])
+def test_real_shapes_have_the_published_parameter_counts(shape, billions):
+    """tiny.REAL_SHAPES against the sizes the Hub states for each model (built on the meta device: no memory);
+    a wrong width, head_dim (Qwen3-VL-4B's is 128, not 2560 / 32 heads) or tie flag shows here."""
+    ids = dict(text=dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643), image_token_id=151655,
+               video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    config = tiny.real_shape_config(shape, ids)
+    with torch.device("meta"):
+        model = vlm.model_class(config)._from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions  # a tied head counted once
+
+
 def test_missing_model_folder_names_the_folder(tmp_path):
     missing = str(tmp_path / "run" / "final")
     with pytest.raises(FileNotFoundError, match="model folder not found: .*run/final"):
@@ -153,8 +166,7 @@ def test_a_checkpoint_is_evaluated_at_the_image_size_it_was_trained_at(squares, 
     assert visual_tokens(vlm.Processor.from_pretrained(trained, max_pixels=112 * 112), 112, 112) == (112 // side) ** 2
 
 
-# the Hub preprocessor configs' bounds: 4 to 16,384 visual tokens of 28² px (Qwen2.5-VL), 64 to 16,384 of 32²
-HUB_PIXELS = {"qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
+HUB_PIXELS = tiny.HUB_PIXELS  # the Hub preprocessor configs' bounds
 
 
 def hub_form_folder(tiny_dir, folder, family):
