@@ -20,7 +20,8 @@
         --prompts_per_call 1 --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --update_only --repeats 1 \
         --dtype bf16                                  # 7B widths, two layers per tower: the update on a CPU
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
-    python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 512
+    python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 \
+        --image_size 512                              # the same 256 visual tokens an image as 448 px for Qwen2.5-VL
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
         --lora_r 64 --gradient_checkpointing --micro_batch_size 8      # does GRPO with LoRA on 7B fit one GPU?
 The real shapes (Qwen2.5-VL 3b / 7b, Qwen3-VL qwen3-2b / -4b / -8b) are built from their configs with

@@ -87,8 +87,10 @@ def portable_config(config):
     rope = (text or {}).get("rope_parameters") or {}
     if "mrope_section" in rope and rope.get("rope_type", "default") == "default":
         sections = list(rope["mrope_section"])
-        text["rope_scaling"] = ({"rope_type": "default", "mrope_section": sections, "mrope_interleaved": True}
-                                if config.get("model_type") == "qwen3_vl" else {"type": "mrope", "mrope_section": sections})
+        if config.get("model_type") == "qwen3_vl":
+            text["rope_scaling"] = {"rope_type": "default", "mrope_section": sections, "mrope_interleaved": True}
+        else:
+            text["rope_scaling"] = {"type": "mrope", "mrope_section": sections}
         text["rope_theta"] = rope["rope_theta"]
         text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     return config

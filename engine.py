@@ -1,4 +1,4 @@
-"""engine.py — sampling from Qwen2.5-VL / Qwen3-VL with a KV cache, by hand: what GRPO, mining and evaluation decode with.
+"""engine.py — sampling with a KV cache, by hand (Qwen2.5-VL, Qwen3-VL): what GRPO, mining and evaluation decode with.
 
 `sample_completions(model, batch, group_size=G, ...)`:
   1. prefill: one forward over the P left-padded prompts (vision tower + prompt), caching keys/values;

@@ -68,7 +68,6 @@ class Family:
     interleaved M-RoPE, DeepStack features added after the first decoder layers, a learned vision position
     embedding) is left to transformers' modules, which every forward calls; the one place that rebuilds a
     layer by hand, engine.decode_step_buffer, applies the q/k norm itself."""
-    name: str
     model_class: str         # transformers' class, by name
     config_class: str
     chat_template: str       # for a checkpoint that carries none
@@ -76,19 +75,17 @@ class Family:
 
 
 FAMILIES = {  # keyed by config.model_type
-    "qwen2_5_vl": Family("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
-                         QWEN25_CHAT_TEMPLATE, patch_size=14),
-    "qwen3_vl": Family("Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", QWEN3_CHAT_TEMPLATE,
-                       patch_size=16),
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", QWEN25_CHAT_TEMPLATE,
+                         patch_size=14),
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", QWEN3_CHAT_TEMPLATE, patch_size=16),
 }
 
 
 def family(config):
-    """The Family of a config (or of a model_type string); anything else is refused by name."""
-    model_type = config if isinstance(config, str) else config.model_type
-    if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[model_type]
+    """The Family of a model's config; another model type is refused by name."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[config.model_type]
 
 
 def model_class(config):

@@ -75,7 +75,8 @@ model = vlm.model_class(AutoConfig.from_pretrained(folder)).from_pretrained(fold
 proc = vlm.Processor.from_pretrained(folder)
 tokens = int(proc.encode([Image.new("RGB", (side, side))], ["q"]).mm_token_type_ids.sum())
 print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, vocabulary "
-      f"{model.config.text_config.vocab_size}, pixel bounds {proc.pixel_bounds}, {side}x{side} -> {tokens} visual tokens")
+      f"{model.config.text_config.vocab_size}, pixel bounds {proc.pixel_bounds}, "
+      f"{side}x{side} -> {tokens} visual tokens")
 assert proc.pixel_bounds[1] == max_pixels and tokens == 256
 PY
 stage "done"

@@ -1,4 +1,4 @@
-"""runs/toy_base.py — a tiny Qwen2.5-VL (or Qwen3-VL) whose eyes work: the toy world's stand-in for a pretrained encoder.
+"""runs/toy_base.py — a tiny Qwen-VL whose eyes work: the toy world's stand-in for a pretrained encoder.
 
 A real Qwen2.5-VL arrives with a vision tower trained on billions of images. The tiny model starts from
 random weights, and a random vision tower barely separates the toy world's shapes; trained only through

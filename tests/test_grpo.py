@@ -201,7 +201,7 @@ def test_recipe_smoke(small_world, tmp_path, recipe):
         assert log[-1]["kl"] > 0  # the policy moved away from the reference
     final = tmp_path / recipe / "final"
     from transformers import AutoConfig
-    vlm.model_class(AutoConfig.from_pretrained(str(final))).from_pretrained(str(final))  # loadable by plain transformers
+    vlm.model_class(AutoConfig.from_pretrained(str(final))).from_pretrained(str(final))  # plain transformers loads it
 
 
 @pytest.mark.parametrize("recipe", ["divek_mcq_full_ft", "tapo", "visual_rft_exact"])

@@ -164,14 +164,16 @@ def test_summary_table(tmp_path):
     assert table[3].split() == ["GRPO", "75.0", "25.0", "40.0", "30.0", "87.5"]
 
 
-@pytest.mark.parametrize("extra,how", [([], ""), (["--lora_r", "4", "--gradient_checkpointing"], ", LoRA r4, checkpointed")])
+@pytest.mark.parametrize("extra,how", [([], ""),
+                                       (["--lora_r", "4", "--gradient_checkpointing"], ", LoRA r4, checkpointed")])
 def test_bench_runs_and_reports_every_row(extra, how):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--prompts_per_call", "2", "--num_samples", "2",
                            "--max_new_tokens", "4", "--repeats", "1", "--device", "cpu"] + extra,
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step",
-                f"update: fwd+bwd, shared prefix{how} ", f"update: fwd+bwd, per row{how} ", "update: per row / shared prefix"):
+                f"update: fwd+bwd, shared prefix{how} ", f"update: fwd+bwd, per row{how} ",
+                "update: per row / shared prefix"):
         assert row in done.stdout, row
     assert "MFU" in done.stdout
 
