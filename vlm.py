@@ -243,9 +243,10 @@ class Processor:
         from transformers import AutoConfig, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
-            model_family = family(AutoConfig.from_pretrained(path))
-        except OSError:  # a folder of tokenizer and image-processor files alone
-            model_family = FAMILIES["qwen2_5_vl"]
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # a folder of tokenizer and image-processor files alone: no model type
+            config = None
+        model_family = family(config) if config is not None else FAMILIES["qwen2_5_vl"]
         image_processor = image_processor_class().from_pretrained(path)
         lo, hi = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
         # set after loading, not passed to from_pretrained: a config in the Hub's form (top-level
