@@ -11,7 +11,7 @@
   shared prefix grpo.py uses) against once per completion (per row): time, FLOPs counted by torch, MFU
   (FLOPs / time / peak FLOP/s; on a CPU the peak is a measured matmul rate), the activations one
   micro-batch holds for its backward, and the ratios;
-- peak memory of each; with a 3B/7B shape, the projected hours of each paper recipe (runs/) on this device.
+- peak memory of each; with a real shape, the projected hours of each paper recipe (runs/) on this device.
 
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
@@ -20,10 +20,13 @@
         --prompts_per_call 1 --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --update_only --repeats 1 \
         --dtype bf16                                  # 7B widths, two layers per tower: the update on a CPU
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
+    python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 \
+        --image_size 512                              # the same 256 visual tokens an image as 448 px for Qwen2.5-VL
     python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
         --lora_r 64 --gradient_checkpointing --micro_batch_size 8      # does GRPO with LoRA on 7B fit one GPU?
-The 3B/7B shapes are built from their configs with random weights (the timing does not depend on the
-weights' values), so nothing is downloaded.
+The real shapes (Qwen2.5-VL 3b / 7b, Qwen3-VL qwen3-2b / -4b / -8b) are built from their configs with
+random weights (the timing does not depend on the weights' values), so nothing is downloaded. A 512 px
+image gives Qwen3-VL the 256 visual tokens a 448 px image gives Qwen2.5-VL (32² against 28² px a token).
 """
 
 import argparse
@@ -37,28 +40,29 @@ from PIL import Image
 import vlm
 from common import add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype, seed_process
 from engine import sample_completions
-from tiny import build_tiny_model, real_shape_config
+from tiny import REAL_SHAPES, build_tiny_model, real_shape_config
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
 def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=None):
-    """A random-weight Qwen2.5-VL of the real size (or its widths with fewer layers), with the tiny model's
+    """A random-weight model of the real size (optionally fewer layers per tower), with the tiny model's
     tokenizer for the prompts."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    config = real_shape_config(name, Qwen2_5_VLConfig.from_pretrained(tiny_dir), text_layers, vision_depth)
+    from transformers import AutoConfig
+    config = real_shape_config(name, AutoConfig.from_pretrained(tiny_dir), text_layers, vision_depth)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = vlm.model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
 def add_model_args(ap):
     """The model and prompts a measurement runs on (`model_and_prompts`)."""
     a = ap.add_argument
-    a("--shape", default="tiny", choices=["tiny", "3b", "7b"], help="model size (random weights)")
+    a("--shape", default="tiny", choices=["tiny"] + list(REAL_SHAPES), help="model size (random weights)")
+    a("--family", default="qwen2_5_vl", choices=list(vlm.FAMILIES), help="the tiny shape's architecture")
     a("--model", default=None, help="a checkpoint folder instead of --shape")
-    a("--text_layers", type=int, default=None, help="decoder layers of a 3b / 7b shape (default: the real depth)")
-    a("--vision_depth", type=int, default=None, help="vision blocks of a 3b / 7b shape (default: the real depth)")
+    a("--text_layers", type=int, default=None, help="decoder layers of a real shape (default: the real depth)")
+    a("--vision_depth", type=int, default=None, help="vision blocks of a real shape (default: the real depth)")
     a("--image_size", type=int, default=56, help="square image side in pixels")
     a("--question", default="short", choices=["short", "listed"],
       help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
@@ -80,7 +84,9 @@ def model_and_prompts(args, device, dtype):
     if args.question == "listed":
         question = prompts.open_question("toy", names[:len(names) // 2])  # the base classes
         corpus = names + [question]
-    tiny_dir = args.model or build_tiny_model(f"{tempfile.mkdtemp()}/tiny", seed=0, init_std=0.1, corpus=corpus)
+    family = REAL_SHAPES[args.shape]["family"] if args.shape != "tiny" else args.family  # the prompts' processor
+    tiny_dir = args.model or build_tiny_model(f"{tempfile.mkdtemp()}/tiny", seed=0, init_std=0.1, corpus=corpus,
+                                              family=family)
     if args.model is None and args.shape != "tiny":
         model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers, args.vision_depth)
     else:
@@ -251,7 +257,7 @@ def main(argv=None):
         if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
             lm_params += model.lm_head.weight.numel()
         tc = model.config.text_config
-        head_dim = tc.hidden_size // tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128, not 80
         context = batch.input_ids.shape[1] + N / 2
         kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
         step_bytes = lm_params * dtype.itemsize + kv_bytes
@@ -321,7 +327,7 @@ def main(argv=None):
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
 
-    if args.shape in ("3b", "7b") and args.model is None and not args.update_only:
+    if args.shape != "tiny" and args.model is None and not args.update_only:
         # projected hours of each paper recipe at this device's measured rates (one device)
         gen_rate, upd_rate = n_gen / t_ours, tokens / t_s
         prompt_len = batch.input_ids.shape[1]

@@ -79,11 +79,18 @@ def portable_config(config):
     (whose mrope_section its attention indexes: None crashes every forward), rope_theta (default 1e6) and
     tie_word_embeddings (default False: a tied lm_head would be re-initialised). So those three go into
     text_config too, with the values 5.x uses; 5.x reads the file back the same (rope_theta must come with
-    rope_scaling, or 5.x takes its own default theta). The Hub's own configs carry the same keys."""
+    rope_scaling, or 5.x takes its own default theta). The Hub's own configs carry the same keys, rope_scaling
+    in each family's form: {"type": "mrope", ...} for Qwen2.5-VL; {"rope_type": "default", ...,
+    "mrope_interleaved": true} for Qwen3-VL, whose rotary embedding in 5.x would take "mrope" for a rope type
+    and find no initialiser for it."""
     text = config.get("text_config")
     rope = (text or {}).get("rope_parameters") or {}
     if "mrope_section" in rope and rope.get("rope_type", "default") == "default":
-        text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+        sections = list(rope["mrope_section"])
+        if config.get("model_type") == "qwen3_vl":
+            text["rope_scaling"] = {"rope_type": "default", "mrope_section": sections, "mrope_interleaved": True}
+        else:
+            text["rope_scaling"] = {"type": "mrope", "mrope_section": sections}
         text["rope_theta"] = rope["rope_theta"]
         text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     return config

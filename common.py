@@ -49,7 +49,8 @@ def add_image_args(ap):
                     help="smallest image area in pixels after resizing (default: the checkpoint's own)")
     ap.add_argument("--max_pixels", type=positive_int, default=None,
                     help="largest image area in pixels after resizing, i.e. at most max_pixels / 28² visual "
-                         "tokens (default: the checkpoint's own; DiVE-k uses 401408)")
+                         "tokens for Qwen2.5-VL, / 32² for Qwen3-VL (default: the checkpoint's own; DiVE-k uses "
+                         "401408: 512 tokens of Qwen2.5-VL)")
 
 
 def _bounded(kind, ok, rule):
@@ -93,7 +94,7 @@ def warn_large_images(records, processor):
         n, path, w, h = max(large)
         print0(f"warning: {len(large)} image(s) over {LARGE_IMAGE_TOKENS} visual tokens at --max_pixels "
                f"{processor.pixel_bounds[1]}, the largest {path} ({w}x{h}) {n} visual tokens: memory grows with "
-               "them; set --max_pixels (e.g. 401408, at most 512 tokens)")
+               f"them; set --max_pixels (e.g. {512 * processor.token_pixels}, at most 512 tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------

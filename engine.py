@@ -1,4 +1,4 @@
-"""engine.py — sampling from Qwen2.5-VL with a KV cache, by hand: what GRPO, mining and evaluation decode with.
+"""engine.py — sampling with a KV cache, by hand (Qwen2.5-VL, Qwen3-VL): what GRPO, mining and evaluation decode with.
 
 `sample_completions(model, batch, group_size=G, ...)`:
   1. prefill: one forward over the P left-padded prompts (vision tower + prompt), caching keys/values;
@@ -159,14 +159,18 @@ def _rotate_half(x):
 def decode_step_buffer(model, tokens, position_ids, kv):
     """One token per row through the language model by hand, over a KVBuffer: logits (B, V).
 
-    The same computation as transformers' Qwen2.5-VL decoder layers for one new position (pre-norm
-    attention with M-RoPE and grouped KV heads, then the gated MLP), calling the layers' own modules (so
+    The same computation as transformers' Qwen2.5-VL / Qwen3-VL decoder layers for one new position
+    (pre-norm attention with M-RoPE and grouped KV heads, then the gated MLP), calling the layers' own modules (so
     LoRA and FSDP2's gathered weights are used as they are) but none of their per-call machinery: no mask
     building, no cache objects, no kwargs plumbing. The cache is written in place at one position per
     step, the shape a compiled or CUDA-graph-captured step needs (the one function to replace for that).
     Tested against `decode_step_model`, logits step by step, in tests/test_engine.py."""
     hf = unwrap(model)
     lm = hf.model.language_model
+    # Qwen3-VL normalises each head's queries and keys (RMSNorm) before the rotary embedding. Its other
+    # differences need nothing here: its rotary_emb already returns the interleaved M-RoPE cos/sin, and
+    # DeepStack adds visual features at image positions only, of which a decode step has none.
+    qk_norm = hf.config.model_type == "qwen3_vl"
     x = lm.embed_tokens(tokens[:, None])                       # (B, 1, hidden)
     cos, sin = lm.rotary_emb(x, position_ids[..., None])       # M-RoPE: (B, 1, head_dim) each
     cos, sin = cos[:, None], sin[:, None]                      # broadcast over heads
@@ -177,8 +181,11 @@ def decode_step_buffer(model, tokens, position_ids, kv):
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(h).view(B, 1, -1, attn.head_dim)
+        k = attn.k_proj(h).view(B, 1, -1, attn.head_dim)
+        if qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

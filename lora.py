@@ -15,7 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The language model's attention and MLP layers (the same names in both families), and the vision tower's
+# MLPs, adapted only with include_vision: gate/up/down_proj in Qwen2.5-VL, linear_fc1/2 in Qwen3-VL (whose
+# patch mergers, the projectors, name their layers the same and are adapted with them)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")
 
 
 class LoRALinear(nn.Linear):

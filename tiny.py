@@ -1,13 +1,18 @@
-"""tiny.py — a Qwen2.5-VL of about a million parameters, built in code: the model of the tests and the toy world.
+"""tiny.py — a Qwen2.5-VL or Qwen3-VL of about a million parameters, built in code: the model of the tests and
+the toy world; and the real widths, for bench.py and the real-width smoke.
 
-Same architecture as Qwen2.5-VL-3B/7B (M-RoPE in Qwen's proportions, grouped KV heads, a windowed vision
-tower with a full-attention block, 2×2 patch merging, tied embeddings as the 3B), with small widths and
-depths, random weights, and a byte-level BPE tokenizer trained on the world's own texts, with Qwen's
-special tokens and chat template. Nothing is downloaded; the same seed and corpus give the same files.
+Same architecture as the real models (Qwen2.5-VL-3B/7B: M-RoPE in contiguous sections, a windowed vision
+tower with a full-attention block, patch 14; Qwen3-VL-2B/4B/8B: per-head q/k norm, interleaved M-RoPE,
+DeepStack, a learned vision position embedding, patch 16; both: grouped KV heads, 2×2 patch merging), with
+small widths and depths, random weights, and a byte-level BPE tokenizer trained on the world's own texts,
+with Qwen's special tokens and the family's chat template. Nothing is downloaded; the same seed and corpus
+give the same files.
 
     python tiny.py --out out/tiny                           # random weights, the default corpus
+    python tiny.py --out out/tiny3 --family qwen3_vl        # the same size, Qwen3-VL's architecture
     python tiny.py --out out/tiny --corpus data/toy/sft.jsonl
     python tiny.py --out out/rw7b --shape 7b --text_layers 2   # 7B's widths, two layers (runs/smoke_real_width.sh)
+    python tiny.py --out out/rw8b --shape qwen3-8b --text_layers 2   # Qwen3-VL-8B's widths
 """
 
 import argparse
@@ -18,7 +23,7 @@ import os
 import torch
 
 from checkpoint import atomic_dir, make_portable
-from vlm import QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, image_processor_class, load_model
+from vlm import FAMILIES, QWEN25_CHAT_TEMPLATE, SPECIAL_TOKENS, image_processor_class, load_model, model_class
 
 TINY_CORPUS = [
     "What is the name of the shape in this image? Choose one of the options.",
@@ -53,8 +58,10 @@ def prompt_phrases():
             prompts.open_world_question().split(prompts.FORMAT)[1].strip()] + questions
 
 
-def train_tokenizer(corpus=None, vocab_size=1024, phrases=None):
-    """A byte-level BPE tokenizer trained on `corpus`, with Qwen's special tokens and chat template."""
+def train_tokenizer(corpus=None, vocab_size=1024, phrases=None, chat_template=QWEN25_CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on `corpus`, with Qwen's special tokens and `chat_template`. The
+    vocabulary does not depend on the template (both families' are trained on as Qwen2.5-VL's), as the
+    real families share theirs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
@@ -62,10 +69,10 @@ def train_tokenizer(corpus=None, vocab_size=1024, phrases=None):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(list(corpus or TINY_CORPUS) + [QWEN_CHAT_TEMPLATE], trainer)
+    bpe.train_from_iterator(list(corpus or TINY_CORPUS) + [QWEN25_CHAT_TEMPLATE], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS[1:])
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.add_tokens(list(prompt_phrases() if phrases is None else phrases))
     return tokenizer
 
@@ -98,87 +105,140 @@ def _save(out_dir, model, tokenizer, image_processor, hub_form=False):
     return out_dir
 
 
+def _image_processor(family, min_pixels, max_pixels):
+    """The family's image processor: patch 14 and CLIP's mean/std (Qwen2.5-VL), patch 16 and mean/std 0.5
+    (Qwen3-VL), as their Hub preprocessor configs say."""
+    patch = FAMILIES[family].patch_size
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+    return image_processor_class()(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch,
+                                   temporal_patch_size=2, merge_size=2, **norm)
+
+
+def mrope_sections(head_dim, family):
+    """(t, h, w) rotary sections in each family's proportions, summing to head_dim / 2: [16, 24, 24]
+    (Qwen2.5-VL) and [24, 20, 20] (Qwen3-VL) at head_dim 128."""
+    half = head_dim // 2
+    if family == "qwen3_vl":
+        t = 3 * half // 8
+        return [t, (half - t) // 2, (half - t) // 2]
+    return [half // 4, 3 * half // 8, 3 * half // 8]
+
+
+def family_config(family, text, vision, token_ids, tie):
+    """A config of `family` from the widths both families share (`text`, `vision`: dicts of config keys),
+    adding what each needs: Qwen2.5-VL windowed vision attention with a full-attention block every 8th;
+    Qwen3-VL an explicit head_dim, interleaved M-RoPE and DeepStack at the vision blocks the real model uses
+    (the first blocks, when the tower is cut down)."""
+    import transformers
+    text, vision = dict(text, **token_ids["text"]), dict(vision)
+    rope = text.pop("rope")
+    depth = vision["depth"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if family == "qwen3_vl":
+        text.update(head_dim=head_dim)  # a key of Qwen3-VL's config (4B: 128, not 2560 / 32 heads)
+        rope.update(mrope_interleaved=True)
+        deepstack = vision.pop("deepstack", [])
+        vision.update(deepstack_visual_indexes=[i for i in deepstack if i < depth] or list(range(min(3, depth))))
+    else:
+        vision.update(window_size=112, fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1])
+    text["rope_parameters"] = dict(rope, rope_type="default", mrope_section=mrope_sections(head_dim, family))
+    cls = getattr(transformers, FAMILIES[family].config_class)
+    return cls(text_config=text, vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2,
+                                                    patch_size=FAMILIES[family].patch_size),
+               tie_word_embeddings=tie, **{k: v for k, v in token_ids.items() if k != "text"})
+
+
 def build_tiny_model(out_dir, seed=0, corpus=None, vocab_size=1024, image_size=112, text_layers=4,
-                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, patch_size=14,
-                     tie=True):
-    """Create a tiny Qwen2.5-VL (random weights) and its tokenizer, deterministically from `seed` and
-    `corpus`, saved as a Hugging Face folder. Images are resized to at most image_size² pixels."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    tokenizer = train_tokenizer(corpus, vocab_size, phrases)
-    ids = _token_ids(tokenizer)
-    heads = 4
-    head_dim = hidden // heads
-    # (t, h, w) rotary sections in Qwen2.5-VL's proportions ([16, 24, 24] at head_dim 128), sum head_dim / 2
-    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden,
-                         intermediate_size=hidden * 3, num_hidden_layers=text_layers, num_attention_heads=heads,
-                         num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-                         initializer_range=init_std, **ids["text"]),
-        vision_config=dict(initializer_range=init_std, depth=vision_depth, hidden_size=vision_hidden,
-                           intermediate_size=vision_hidden * 2, num_heads=2, out_hidden_size=hidden,
-                           patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[vision_depth - 1]),
-        tie_word_embeddings=tie,  # tied as Qwen2.5-VL-3B, untied as 7B
-        **{k: v for k, v in ids.items() if k != "text"})
+                     hidden=128, vision_depth=2, vision_hidden=64, init_std=0.02, phrases=None, tie=True,
+                     family="qwen2_5_vl"):
+    """Create a tiny Qwen2.5-VL or Qwen3-VL (`family`: a key of vlm.FAMILIES; random weights) and its
+    tokenizer, deterministically from `seed` and `corpus`, saved as a Hugging Face folder. Images are
+    resized to at most image_size² pixels."""
+    tokenizer = train_tokenizer(corpus, vocab_size, phrases, FAMILIES[family].chat_template)
+    text = dict(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden, intermediate_size=hidden * 3,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, rope={"rope_theta": 10000.0},
+                initializer_range=init_std)
+    # Qwen3-VL's learned position embedding: an 8×8 grid, interpolated to each image's patch grid
+    vision = dict(initializer_range=init_std, depth=vision_depth, hidden_size=vision_hidden,
+                  intermediate_size=vision_hidden * 2, num_heads=2, out_hidden_size=hidden,
+                  **({"num_position_embeddings": 64} if family == "qwen3_vl" else {}))
+    config = family_config(family, text, vision, _token_ids(tokenizer), tie)  # tied as the small models
     torch.manual_seed(seed)
     config.initializer_range = init_std
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = image_processor_class()(
-        size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": image_size * image_size},
-        patch_size=patch_size, temporal_patch_size=2, merge_size=2)
-    return _save(out_dir, model, tokenizer, image_processor)
+    model = model_class(config)(config)
+    patch = FAMILIES[family].patch_size
+    return _save(out_dir, model, tokenizer, _image_processor(family, (2 * patch) ** 2, image_size * image_size))
 
 
-# Qwen2.5-VL-3B/7B-Instruct's config.json values that set the compute (vocabulary, widths, heads, depths)
+# The real models' config.json values that set the compute (vocabulary, widths, heads, depths, rotary theta)
 REAL_SHAPES = {
-    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2), tie=True),
-    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4), tie=False),
+    "3b": dict(family="qwen2_5_vl", tie=True, text=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=128000), vision="qwen2.5"),
+    "7b": dict(family="qwen2_5_vl", tie=False, text=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=128000), vision="qwen2.5"),
+    "qwen3-2b": dict(family="qwen3_vl", tie=True, text=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-small"),
+    "qwen3-4b": dict(family="qwen3_vl", tie=True, text=dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-small"),
+    "qwen3-8b": dict(family="qwen3_vl", tie=False, text=dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144), vision="qwen3-8b"),
 }
-REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112)
+REAL_VISION = {  # the vision towers: one for Qwen2.5-VL 3B/7B, two sizes for Qwen3-VL
+    "qwen2.5": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),
+    "qwen3-small": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304,
+                        deepstack=[5, 11, 17]),
+    "qwen3-8b": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                     deepstack=[8, 16, 24]),
+}
+ROPE_THETA = {"qwen2_5_vl": 1000000.0, "qwen3_vl": 5000000.0}
+# the Hub preprocessor configs' bounds: 4 to 16,384 visual tokens of 28² (Qwen2.5-VL) / 64 to 16,384 of 32² px
+HUB_PIXELS = {"qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
+
+
+def _token_ids_of(config):
+    """`_token_ids`' dict, read from a config of either family."""
+    text = config.text_config
+    return dict(text=dict(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                          pad_token_id=text.pad_token_id),
+                image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id)
 
 
 def real_shape_config(shape, token_ids, text_layers=None, vision_depth=None):
-    """Qwen2.5-VL-3B's or -7B's config (widths, heads, vocabulary, rotary sections, windowed vision
-    attention with a full-attention block every 8th), optionally with fewer layers, and the special-token
-    ids `token_ids` (a config or `_token_ids`' dict) of the tokenizer in use."""
-    from transformers import Qwen2_5_VLConfig
-    if not isinstance(token_ids, dict):  # a Qwen2_5_VLConfig
-        c = token_ids
-        token_ids = dict(text=dict(bos_token_id=c.text_config.bos_token_id, eos_token_id=c.text_config.eos_token_id,
-                                   pad_token_id=c.text_config.pad_token_id),
-                         image_token_id=c.image_token_id, video_token_id=c.video_token_id,
-                         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
+    """The config of a real model (`shape`, a key of REAL_SHAPES: widths, heads, vocabulary, rotary sections
+    and theta, the vision tower), optionally with fewer layers, and the special-token ids `token_ids` (a
+    config or `_token_ids`' dict) of the tokenizer in use."""
+    if not isinstance(token_ids, dict):
+        token_ids = _token_ids_of(token_ids)
     s = REAL_SHAPES[shape]
-    text = dict(s["text"], max_position_embeddings=128000, rms_norm_eps=1e-6, rope_parameters={
-        "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}, **token_ids["text"])
+    text = dict(s["text"], rms_norm_eps=1e-6, rope={"rope_theta": ROPE_THETA[s["family"]]})
     if text_layers:
         text["num_hidden_layers"] = text_layers
-    depth = vision_depth or REAL_VISION["depth"]
-    vision = dict(REAL_VISION, depth=depth, out_hidden_size=text["hidden_size"],
-                  fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=s["tie"],
-                            **{k: v for k, v in token_ids.items() if k != "text"})
+    vision = dict(REAL_VISION[s["vision"]], out_hidden_size=text["hidden_size"])
+    if vision_depth:
+        vision["depth"] = vision_depth
+    return family_config(s["family"], text, vision, token_ids, s["tie"])
 
 
 def build_real_width_model(out_dir, shape="7b", text_layers=1, vision_depth=2, seed=0, corpus=None,
                            dtype=torch.bfloat16):
-    """A Qwen2.5-VL with the real widths of `shape` but `text_layers` / `vision_depth` layers, random
-    weights in `dtype`, the tiny tokenizer, and a preprocessor config in the Hub's form (top-level
-    min_pixels / max_pixels, 16k visual tokens at most): the shapes the real checkpoints have, for the
-    bugs a million-parameter model hides, on a CPU."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    tokenizer = train_tokenizer(corpus)
+    """A model with the real widths of `shape` but `text_layers` / `vision_depth` layers, random weights in
+    `dtype`, the tiny tokenizer, and a preprocessor config with the Hub's bounds (16k visual tokens at most;
+    for Qwen2.5-VL in the Hub's form: top-level min_pixels / max_pixels): the shapes the real checkpoints
+    have, for the bugs a million-parameter model hides, on a CPU."""
+    family = REAL_SHAPES[shape]["family"]
+    tokenizer = train_tokenizer(corpus, chat_template=FAMILIES[family].chat_template)
     config = real_shape_config(shape, _token_ids(tokenizer), text_layers, vision_depth)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    image_processor = image_processor_class()(size={"shortest_edge": 3136, "longest_edge": 12845056},
-                                              patch_size=14, temporal_patch_size=2, merge_size=2)
-    return _save(out_dir, model, tokenizer, image_processor, hub_form=True)
+    model = model_class(config)._from_config(config, dtype=dtype)
+    return _save(out_dir, model, tokenizer, _image_processor(family, *HUB_PIXELS[family]),
+                 hub_form=family == "qwen2_5_vl")
 
 
 def parse_args(argv=None):
@@ -191,9 +251,11 @@ def parse_args(argv=None):
     ap.add_argument("--image_size", type=int, default=112, help="largest image side: max_pixels = side²")
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the language model")
     ap.add_argument("--hidden", type=int, default=128, help="width of the language model (tiny shape)")
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"],
-                    help="3b / 7b: Qwen2.5-VL-3B's / 7B's widths, vocabulary and vision tower, with --text_layers "
-                         "and --vision_depth layers, in bf16 (build_real_width_model)")
+    ap.add_argument("--shape", default="tiny", choices=["tiny"] + list(REAL_SHAPES),
+                    help="3b / 7b: Qwen2.5-VL-3B's / 7B's widths, vocabulary and vision tower (qwen3-2b / -4b / -8b: "
+                         "Qwen3-VL's), with --text_layers and --vision_depth layers, in bf16 (build_real_width_model)")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=list(FAMILIES),
+                    help="the tiny model's architecture (a real --shape has its own)")
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the vision tower")
     return ap.parse_args(argv)
 
@@ -204,7 +266,7 @@ def main(argv=None):
     if args.shape == "tiny":
         build_tiny_model(args.out, seed=args.seed, corpus=corpus, vocab_size=args.vocab_size,
                          image_size=args.image_size, text_layers=args.text_layers, hidden=args.hidden,
-                         vision_depth=args.vision_depth)
+                         vision_depth=args.vision_depth, family=args.family)
     else:
         build_real_width_model(args.out, args.shape, args.text_layers, args.vision_depth, args.seed, corpus)
     model = load_model(args.out)

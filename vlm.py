@@ -1,8 +1,10 @@
-"""vlm.py — the model side of every stage: load Qwen2.5-VL, turn (image, question) into prompts, score, set up training.
+"""vlm.py — the model side of every stage: load a Qwen2.5-VL or Qwen3-VL, turn (image, question) into prompts,
+score, set up training.
 
 - `load_model` / `Processor.from_pretrained`: a checkpoint from the Hub or a local folder, the same path
-  for the real 3B/7B and the tiny model of the tests; no `trust_remote_code`, no torchvision (the image
-  processor + `<|image_pad|>` expansion + tokenization is done here instead of by Qwen2_5_VLProcessor).
+  for the real models and the tiny ones of the tests, the family read from its config (`FAMILIES`: the
+  few things that differ); no `trust_remote_code`, no torchvision (the image processor + `<|image_pad|>`
+  expansion + tokenization is done here instead of by Qwen2_5_VLProcessor / Qwen3VLProcessor).
 - `Processor.encode` -> `PromptBatch`: chat-template prompts, left-padded, with pixels and explicit 3-D
   M-RoPE positions (`mrope_positions`): transformers 5.x must never infer positions by itself (it crashes
   or ignores left padding when decoding by hand).
@@ -30,31 +32,71 @@ from common import (Dist, barrier, fraction, nonnegative_float, nonnegative_int,
 from data.records import load_image
 from engine import sample_completions
 
-# Qwen2.5-VL's chat template, restricted to what this codebase sends (a system turn, a user turn with
-# one image and text, an assistant turn). Used when a checkpoint carries no template of its own.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+# The chat templates of the two families, restricted to what this codebase sends (a system turn, a user
+# turn with one image and text, an assistant turn). Used when a checkpoint carries no template of its own.
+# They differ in one thing: Qwen2.5-VL adds a default system turn when the messages have none, Qwen3-VL
+# does not (tests/test_vlm.py renders every prompt against each family's Hub template).
+_CHAT_TURN = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+QWEN25_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + _CHAT_TURN + "{% endfor %}" + _GENERATION_PROMPT
+)
+QWEN3_CHAT_TEMPLATE = "{% for message in messages %}" + _CHAT_TURN + "{% endfor %}" + _GENERATION_PROMPT
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# loading
+# loading: the two families
+
+@dataclass(frozen=True)
+class Family:
+    """What this codebase needs to know about a model family beyond its config. The rest is one code path:
+    the special tokens and their ids, the module names (`model.model.visual.blocks`,
+    `model.model.language_model.layers`, q/k/v/o and gate/up/down projections), the image processor class
+    and the 3-D positions are the same. What differs inside the model (Qwen3-VL: per-head q/k RMSNorm,
+    interleaved M-RoPE, DeepStack features added after the first decoder layers, a learned vision position
+    embedding) is left to transformers' modules, which every forward calls; the one place that rebuilds a
+    layer by hand, engine.decode_step_buffer, applies the q/k norm itself."""
+    model_class: str         # transformers' class, by name
+    config_class: str
+    chat_template: str       # for a checkpoint that carries none
+    patch_size: int          # a visual token covers (patch_size · 2)² pixels: 28² (Qwen2.5-VL), 32² (Qwen3-VL)
+
+
+FAMILIES = {  # keyed by config.model_type
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", QWEN25_CHAT_TEMPLATE,
+                         patch_size=14),
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", QWEN3_CHAT_TEMPLATE, patch_size=16),
+}
+
+
+def family(config):
+    """The Family of a model's config; another model type is refused by name."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[config.model_type]
+
+
+def model_class(config):
+    """transformers' ...ForConditionalGeneration class of a config's family."""
+    import transformers
+    return getattr(transformers, family(config).model_class)
+
 
 def load_model(path, device="cpu", dtype="fp32", attn="sdpa"):
-    """Qwen2_5_VLForConditionalGeneration from a Hub id or a local folder, in eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """Qwen2.5-VL or Qwen3-VL (by the checkpoint's config) from a Hub id or a local folder, in eval mode."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
@@ -62,11 +104,13 @@ def load_model(path, device="cpu", dtype="fp32", attn="sdpa"):
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if looks_local and not os.path.isdir(path):  # else transformers says "Repo id must be in the form ..."
         raise FileNotFoundError(f"model folder not found: {path}")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    cls = model_class(AutoConfig.from_pretrained(path))
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
 
 
 def image_processor_class():
+    # the same class for both families (Qwen3-VL's preprocessor config sets patch 16 and its mean/std);
     # transformers 5.x falls back to the PIL implementation without torchvision; name it directly so
     # no warning is printed (and older 5.x releases that lack the Pil class still work).
     try:
@@ -134,11 +178,13 @@ class PromptBatch:
 
 
 def mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id, merge_size):
-    """Qwen2.5-VL's 3-D rotary positions (the same numbers as `model.model.get_rope_index`).
+    """The 3-D rotary positions of both families (the same numbers as `model.model.get_rope_index`).
 
     Text tokens advance all three rows (t, h, w) by one. An image of t×h×w merged patches occupies a block
     whose rows follow the patch grid, starting at the current position; after it the text resumes at
-    current + max(t, h, w). Padding keeps position 0. Returns (3, B, T) positions.
+    current + max(t, h, w) (Qwen3-VL writes max(h, w): the same, as an image has t = 1). Padding keeps
+    position 0. Returns (3, B, T) positions. How the rows rotate the head dimensions (contiguous blocks in
+    Qwen2.5-VL, interleaved in Qwen3-VL) is the model's rotary embedding's business, not the positions'.
     """
     B, T = input_ids.shape
     positions = torch.zeros(3, B, T, dtype=torch.long)
@@ -162,9 +208,11 @@ def mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id, m
 
 
 class Processor:
-    """Tokenizer + image processor + chat template: turns (image, question) pairs into a PromptBatch."""
+    """Tokenizer + image processor + chat template: turns (image, question) pairs into a PromptBatch.
+    `model_family`: the model's Family; only its chat template is used, when the tokenizer has none."""
 
-    def __init__(self, tokenizer, image_processor, merge_size=2, system_prompt=None):
+    def __init__(self, tokenizer, image_processor, merge_size=2, system_prompt=None,
+                 model_family=FAMILIES["qwen2_5_vl"]):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
@@ -177,7 +225,7 @@ class Processor:
         # over prompt + completion count more image tokens than the image has features, and crash
         vision = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
         self.banned_token_ids = sorted({tok(t) for t in vision if t in tokenizer.get_vocab()})
-        self.chat_template = tokenizer.chat_template or QWEN_CHAT_TEMPLATE
+        self.chat_template = tokenizer.chat_template or model_family.chat_template
 
     @property
     def sampling_tokens(self):
@@ -189,21 +237,37 @@ class Processor:
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None, system_prompt=None):
         """The checkpoint's tokenizer and image processor. Images are resized to an area between
         min_pixels and max_pixels; None keeps the checkpoint's own bound (`save_pretrained` writes the
-        bounds in use, so a model trained at one size is evaluated at that size)."""
-        from transformers import AutoTokenizer
+        bounds in use, so a model trained at one size is evaluated at that size). A visual token covers
+        `token_pixels` of them: the same bounds give Qwen3-VL (32² px a token) fewer tokens than
+        Qwen2.5-VL (28²)."""
+        from transformers import AutoConfig, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # a folder of tokenizer and image-processor files alone: no model type
+            config = None
+        model_family = family(config) if config is not None else FAMILIES["qwen2_5_vl"]
         image_processor = image_processor_class().from_pretrained(path)
         lo, hi = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
         # set after loading, not passed to from_pretrained: a config in the Hub's form (top-level
         # min_pixels / max_pixels keys) would override a `size` given there
-        image_processor.size = {"shortest_edge": lo if min_pixels is None else min_pixels,
-                                "longest_edge": hi if max_pixels is None else max_pixels}
-        return cls(tokenizer, image_processor, getattr(image_processor, "merge_size", 2), system_prompt)
+        hi = hi if max_pixels is None else max_pixels
+        # a max below the checkpoint's min lowers the min too (Qwen3-VL's files ask for 64 tokens at least),
+        # else the min wins and small images get more tokens than asked for
+        lo = min(lo, hi) if min_pixels is None else min_pixels
+        image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
+        return cls(tokenizer, image_processor, getattr(image_processor, "merge_size", 2), system_prompt,
+                   model_family)
 
     @property
     def pixel_bounds(self):
         """(min_pixels, max_pixels) the images are resized between."""
         return self.image_processor.size["shortest_edge"], self.image_processor.size["longest_edge"]
+
+    @property
+    def token_pixels(self):
+        """Pixels one visual token covers: (patch · merge)², 28² for Qwen2.5-VL and 32² for Qwen3-VL."""
+        return (self.image_processor.patch_size * self.merge_size) ** 2
 
     def save_pretrained(self, path):
         self.tokenizer.save_pretrained(path)

@@ -22,7 +22,8 @@ else
 fi
 launch sft.py --model "$MODEL" --data "$COT" --out "$OUT/sft" --lr 5e-6 --schedule cosine --warmup_ratio 0.03 \
   --weight_decay 0.1 --epochs 10 --batch_size 64 --max_new_tokens 4096 --dtype bf16 \
-  --gradient_checkpointing --save_every 100 --max_pixels 200704 $SFT  # <= 256 visual tokens; later stages inherit it
+  --gradient_checkpointing --save_every 100 --max_pixels "$(pixels 256)" $SFT  # <= 256 visual tokens; later stages
+                                                                                 # inherit it
 
 # negatives: the class each class is most confused with, from the SFT model's own answers
 launch mine_topk.py --model "$OUT/sft/final" --data data/cub_4shot/train.jsonl \

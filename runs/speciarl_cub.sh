@@ -32,7 +32,8 @@ launch grpo.py --model "$MODEL" --data data/cub_all/train.jsonl --classes data/c
   --lora_r 64 --lora_alpha 32 --lora_dropout $DROPOUT --lr 3e-5 --schedule constant \
   --prompts_per_step 256 --mini_batches 2 --num_samples 10 --temperature 1.0 --max_new_tokens 2048 \
   --epochs 15 --prompts_per_call 16 --micro_batch_size 8 --gradient_checkpointing --dtype bf16 --save_every 25 \
-  --max_pixels 200704  # at most 256 visual tokens an image (the Hub config allows 16k); later stages inherit it
+  --max_pixels "$(pixels 256)"  # at most 256 visual tokens an image (the Hub config allows 16k); later stages
+                                # inherit it
 
 launch evaluate.py --model "$OUT/grpo/final" --data data/cub_all/test.jsonl --classes data/cub_all/classes.json \
   --mode open_world $VERIFY --max_new_tokens 2048 --dtype bf16 --out "$OUT/eval"

@@ -7,6 +7,7 @@
 #                                       # recipes starting from an SFT on the base classes
 #   STEPS=120 PROMPTS=16 bash runs/toy.sh   # a larger budget (the same for every recipe)
 #   PREFIX=per_row bash runs/toy.sh     # the GRPO update with one prompt per completion (the reference forward)
+#   FAMILY=qwen3 bash runs/toy.sh       # the same comparison from a tiny Qwen3-VL start model -> out/toy_qwen3
 #
 # The world (python -m data.prepare toy --names epithets --pretrain_naming): 64 classes, shape x colour x
 #   pattern, 32 base (trained on) / 32 novel (never seen in training). A name says the shape and colour and
@@ -14,10 +15,12 @@
 #   striped, "kavi green circle" checked), so naming takes knowledge as well as sight, as "Laysan" or
 #   "Black-footed" does for albatrosses. On the former world ("striped red triangle") the name spells out
 #   what is seen: SFT took everything the features carry and GRPO had nothing left to learn (docs/LOG.md).
-# The start model stands in for Qwen2.5-VL-Instruct: a tiny Qwen2.5-VL whose vision tower is pretrained on
-#   the attribute labels (runs/toy_base.py), then sft.py on the pretraining mix about all 64 classes:
-#   attribute questions, MCQs, and DiVE-k's listed naming question (it names from a list, as an Instruct
-#   model does, but knows the epithets only in part). Built once per world, cached in OUT/seed_N/start.
+# The start model stands in for Qwen2.5-VL-Instruct (FAMILY=qwen3: Qwen3-VL-Instruct, its 56-px images resized
+#   to 64 px, so that its visual tokens of 32x32 px are as many, 4 an image): a tiny model of the family whose
+#   vision tower is pretrained on the attribute labels (runs/toy_base.py), then sft.py on the pretraining mix
+#   about all 64 classes: attribute questions, MCQs, and DiVE-k's listed naming question (it names from a
+#   list, as an Instruct model does, but knows the epithets only in part). Built once per world, cached in
+#   OUT/seed_N/start.
 # The recipes, each STEPS steps of PROMPTS prompts x G samples from that model, lr 3e-4 constant, T 1.0,
 # full fine-tuning of the language model, each with its paper's reward, prompt, loss and KL (docs/methods.md):
 #   format only  the control: DiVE-k's MCQs, reward = format alone (what GRPO gives with no task signal)
@@ -43,7 +46,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-OUT=${OUT:-out/toy}
+FAMILY=${FAMILY:-qwen2.5}
+case "$FAMILY" in
+  qwen2.5) ARCH=qwen2_5_vl DEFAULT_OUT=out/toy ;;
+  qwen3) ARCH=qwen3_vl DEFAULT_OUT=out/toy_qwen3 ;;
+  *) echo "FAMILY=$FAMILY: qwen2.5 or qwen3" >&2; exit 2 ;;
+esac
+OUT=${OUT:-$DEFAULT_OUT}
 SEEDS=${SEEDS:-0}
 WORLD=${WORLD:-epithets}
 GRPO_STEPS=${STEPS:-30}
@@ -92,10 +101,11 @@ timed world "0. the toy world" python -m data.prepare toy --out "$D" --seed "$S"
 # 1. the start model, reused only when it was built from these very files by this very code, on as many
 # ranks (a start model left by other code would be reported as this code's: delete $W/start to rebuild)
 KEY=$( (cat "$D/classes.json" "$D"/*.jsonl runs/toy_base.py tiny.py sft.py vlm.py engine.py lora.py common.py \
-  checkpoint.py data/records.py; echo "nproc $NPROC") | sha1sum | cut -c 1-16)
+  checkpoint.py data/records.py; echo "nproc $NPROC $ARCH") | sha1sum | cut -c 1-16)
 if [ "$(cat "$W/start/world.sha1" 2>/dev/null)" != "$KEY" ]; then
   rm -rf "$W/vision" "$W/vision.init" "$W/start" "$W/base"
-  timed vision "1. start model: vision tower" python runs/toy_base.py --data "$D" --out "$W/vision" --seed "$S"
+  timed vision "1. start model: vision tower" python runs/toy_base.py --data "$D" --out "$W/vision" --seed "$S" \
+    --family "$ARCH"
   timed start "1. start model: pretraining mix" launch sft.py --model "$W/vision" --data "$D/pretrain.jsonl" \
     --out "$W/start" --batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 800 --seed "$S" --device cpu
   if [ "$WORLD" = attributes ]; then  # the former pipeline: the recipes start from an SFT on the base classes

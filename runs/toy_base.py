@@ -1,4 +1,4 @@
-"""runs/toy_base.py — a tiny Qwen2.5-VL whose eyes work: the toy world's stand-in for a pretrained encoder.
+"""runs/toy_base.py — a tiny Qwen-VL whose eyes work: the toy world's stand-in for a pretrained encoder.
 
 A real Qwen2.5-VL arrives with a vision tower trained on billions of images. The tiny model starts from
 random weights, and a random vision tower barely separates the toy world's shapes; trained only through
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--vision_hidden", type=int, default=128, help="width of the tiny vision tower")
     ap.add_argument("--text_layers", type=int, default=4, help="decoder layers of the tiny language model")
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
-    ap.add_argument("--patch_size", type=int, default=14, help="vision patch side in pixels (Qwen2.5-VL: 14)")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=list(vlm.FAMILIES),
+                    help="the tiny model's architecture: qwen2_5_vl (patch 14) or qwen3_vl (patch 16, DeepStack)")
     ap.add_argument("--draw_workers", type=int, default=1, choices=[0, 1],
                     help="1: draw the next steps' images in a second process; 0: in this one (same model)")
     return ap.parse_args(argv)
@@ -60,7 +61,7 @@ _DRAW = {}  # what the drawing process needs, set once by draw_init
 
 def draw_init(model_dir, world, classes, batch_size, seed):
     torch.set_num_threads(1)
-    _DRAW.update(processor=vlm.Processor.from_pretrained(model_dir, max_pixels=world["size"] ** 2), world=world,
+    _DRAW.update(processor=vlm.Processor.from_pretrained(model_dir), world=world,
                  classes=classes, batch_size=batch_size, seed=seed)
 
 
@@ -85,10 +86,13 @@ def main(argv=None):
     corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "sft_cot", "test_mcq")
                           if os.path.exists(os.path.join(args.data, f"{name}.jsonl"))])
     size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
+    # a visual token covers 28 px a side in Qwen2.5-VL, 32 in Qwen3-VL: Qwen3-VL's images are resized by 32/28
+    # (56 -> 64 px), so that both families see an image as the same number of tokens (4 at 56 px)
+    side = size * 2 * vlm.FAMILIES[args.family].patch_size // 28
     tiny = args.out + ".init"
-    build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=size, vision_hidden=args.vision_hidden,
-                     text_layers=args.text_layers, vision_depth=args.vision_depth, patch_size=args.patch_size)
-    model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny, max_pixels=size * size)
+    build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=side, vision_hidden=args.vision_hidden,
+                     text_layers=args.text_layers, vision_depth=args.vision_depth, family=args.family)
+    model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny)  # at most side² pixels
 
     table = load_classes(os.path.join(args.data, "classes.json"))
     world = table["config"]
@@ -103,7 +107,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=args.lr)
 
     def features(pixel_values, grids):  # the mean of an image's merged visual tokens, as the language model gets them
-        tokens = model.model.get_image_features(pixel_values, grids).pooler_output
+        out = model.model.get_image_features(pixel_values, grids)
+        # Qwen3-VL also adds DeepStack features (inner blocks' tokens, merged) after the first decoder layers:
+        # summed in here, so that they are trained too and nothing the language model gets stays random
+        tokens = [sum(parts) for parts in zip(out.pooler_output, *(getattr(out, "deepstack_features", None) or []))]
         return torch.stack([t.mean(0) for t in tokens])
 
     def targets(batch_classes, a):

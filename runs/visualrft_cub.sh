@@ -16,9 +16,9 @@ else
 fi
 launch grpo.py --model "$MODEL" --data data/cub/train.jsonl --classes data/cub/classes.json --out "$OUT/grpo" \
   --prompt open_list --reward exact+format --loss grpo --beta 0.04 --num_samples 4 --temperature 1.0 \
-  --lr 1e-6 --schedule constant --max_new_tokens 1024 --max_pixels 401408 --train_vision \
+  --lr 1e-6 --schedule constant --max_new_tokens 1024 --max_pixels "$(pixels 512)" --train_vision \
   --gradient_checkpointing --micro_batch_size 4 --prompts_per_call 8 --dtype bf16 --save_every 50 $TRAIN
 
 launch evaluate.py --model "$OUT/grpo/final" --data data/cub/test_base.jsonl data/cub/test_novel.jsonl \
-  --classes data/cub/classes.json --mode open --class_list split --max_new_tokens 1024 --max_pixels 401408 \
+  --classes data/cub/classes.json --mode open --class_list split --max_new_tokens 1024 --max_pixels "$(pixels 512)" \
   --dtype bf16 --out "$OUT/eval"

@@ -1,4 +1,7 @@
-"""Shared test fixtures: a tiny Qwen2.5-VL built once per session, and a few PIL images."""
+"""Shared test fixtures: a tiny model of each family (Qwen2.5-VL, Qwen3-VL) built once per session, and a few
+PIL images. A test that takes `family`, or a fixture built on it (tiny_dir, tiny, squares, small_world), runs
+once per family; `@pytest.mark.parametrize("family", [...], indirect=True)` narrows that where the family
+cannot matter."""
 import os
 import sys
 
@@ -12,13 +15,20 @@ QUESTIONS = ["Hi", "What is the name of the shape in this image?", "Name the sha
 torch.set_num_threads(1)  # the tiny models run fastest on one thread (and leave a core to torchrun's children)
 
 
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # vlm.FAMILIES' keys (config.model_type)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tmp_path_factory, family):
     """A random tiny model with peaked weights (init std 0.1), so greedy outputs differ between rows."""
     import tiny
-    path = str(tmp_path_factory.mktemp("tiny") / "model")
-    tiny.build_tiny_model(path, seed=0, init_std=0.1)
-    return path
+    path = str(tmp_path_factory.mktemp(f"tiny_{family}") / "model")
+    return tiny.build_tiny_model(path, seed=0, init_std=0.1, family=family)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +84,7 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), 
 
 
 @pytest.fixture(scope="session")
-def squares(tmp_path_factory):
+def squares(tmp_path_factory, family):
     """8 one-colour images with short SFT targets, and a tiny model whose BPE knows their words.
     Returns (folder, records path, model folder)."""
     from tiny import build_tiny_model
@@ -89,17 +99,17 @@ def squares(tmp_path_factory):
                         "target": f"<think>{name}</think><answer>{name} square</answer>"})
     write_records(str(root / "train.jsonl"), records)
     model_dir = str(root / "tiny")
-    build_tiny_model(model_dir, seed=0, corpus=[r["target"] for r in records] + [records[0]["question"]])
+    build_tiny_model(model_dir, seed=0, corpus=[r["target"] for r in records] + [records[0]["question"]],
+                     family=family)
     return root, str(root / "train.jsonl"), model_dir
 
 
 @pytest.fixture(scope="session")
-def small_world(tmp_path_factory):
-    """A 2x2x2 toy world (8 classes, 4 base) with MCQ records on its train images, and a tiny model
-    (peaked weights, BPE trained on the world's texts). Returns (folder, model folder)."""
+def toy_world(tmp_path_factory):
+    """A 2x2x2 toy world (8 classes, 4 base) with MCQ records on its train images (mcq.jsonl) and SFT rows
+    on them (mcq_sft.jsonl). Returns (folder, the texts a tiny model's BPE is trained on)."""
     import json
     import random
-    from tiny import build_tiny_model
     from data import toy
     from data.records import read_records, write_records
     from data.prompts import mcq_question, open_question, open_world_question
@@ -114,18 +124,37 @@ def small_world(tmp_path_factory):
         rng.shuffle(options)
         mcq.append(dict(r, options=options, answer="ABC"[options.index(r["label"])]))
     write_records(str(root / "mcq.jsonl"), mcq)
-    # a short SFT on the MCQs and on the open-ended questions, so that sampled answers are sometimes right
-    # and rewards vary within groups for every recipe (MCQ letters, exact names, specificity)
+    # rows for a short SFT (small_world's) on the MCQs and the open-ended questions, so that sampled answers
+    # are sometimes right and rewards vary within groups for every recipe (MCQ letters, exact names, specificity)
     sft_rows = [dict(m, question=mcq_question("toy", m["options"]),
                      target=f"<think>{m['label']}</think><answer>{m['answer']}</answer>") for m in mcq]
     sft_rows += [dict(r, question=ask(r["dataset"]), target=f"<think>{r['label']}</think><answer>{r['label']}</answer>")
                  for r in read_records(str(root / "train.jsonl")) for ask in (open_question, open_world_question)]
     write_records(str(root / "mcq_sft.jsonl"), sft_rows)
     corpus = [json.loads(line).get("target", "") for line in open(root / "sft.jsonl")]
-    corpus += [r["question"] + " " + r["target"] for r in sft_rows] + names
-    build_tiny_model(str(root / "base"), seed=0, corpus=corpus)
+    return root, corpus + [r["question"] + " " + r["target"] for r in sft_rows] + names
+
+
+_SMALL_WORLDS = {}
+
+
+@pytest.fixture
+def small_world(toy_world, family):
+    """The toy world and a tiny model of `family` (peaked weights, BPE trained on the world's texts) after a
+    short SFT on it. Returns (folder, model folder). Built once per family and session, by hand: a session
+    fixture would be rebuilt (10 s) each time consecutive tests switch families, as the tests narrowed to
+    one family make them do."""
+    if family not in _SMALL_WORLDS:
+        _SMALL_WORLDS[family] = _small_world(toy_world, family)
+    return _SMALL_WORLDS[family]
+
+
+def _small_world(toy_world, family):
     import sft
-    sft.main(["--model", str(root / "base"), "--data", str(root / "mcq_sft.jsonl"), "--out", str(root / "sft"),
-              "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3", "--max_steps", "60", "--schedule", "constant",
-              "--device", "cpu", "--no_check_images"])
-    return root, str(root / "sft" / "final")
+    from tiny import build_tiny_model
+    root, corpus = toy_world
+    build_tiny_model(str(root / family / "base"), seed=0, corpus=corpus, family=family)
+    sft.main(["--model", str(root / family / "base"), "--data", str(root / "mcq_sft.jsonl"), "--out",
+              str(root / family / "sft"), "--batch_size", "12", "--micro_batch_size", "12", "--lr", "3e-3",
+              "--max_steps", "60", "--schedule", "constant", "--device", "cpu", "--no_check_images"])
+    return root, str(root / family / "sft" / "final")

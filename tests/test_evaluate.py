@@ -191,6 +191,7 @@ def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
         assert open(os.path.join(out, name)).read() == open(tmp_path / "b" / name).read()
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # sharding the data: nothing family-specific
 def test_two_ranks_equal_one_rank(world, tmp_path):
     files = {}
     for nproc in (1, 2):

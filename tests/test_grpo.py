@@ -375,8 +375,8 @@ def test_recipe_smoke(small_world, tmp_path, recipe):
     if "--beta" in flags and flags[flags.index("--beta") + 1] != "0":
         assert log[-1]["kl"] > 0  # the policy moved away from the reference
     final = tmp_path / recipe / "final"
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    Qwen2_5_VLForConditionalGeneration.from_pretrained(str(final))  # loadable by plain transformers
+    from transformers import AutoConfig
+    vlm.model_class(AutoConfig.from_pretrained(str(final))).from_pretrained(str(final))  # plain transformers loads it
 
 
 @pytest.mark.parametrize("recipe", ["divek_mcq_full_ft", "tapo", "visual_rft_exact"])
@@ -455,7 +455,9 @@ LATER_DDP = {"gspo": ["--loss", "gspo", "--num_iterations", "2", "--rollout_corr
                        "--rollout_correction", "tis", "--mask_truncated"]}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "gspo", "cispo"])
+# DDP wraps the whole model, so one family is enough; FSDP2 shards by module names and gathers for sampling
+@pytest.mark.parametrize("mode,family", [("ddp", "qwen2_5_vl"), ("fsdp", "qwen2_5_vl"), ("fsdp", "qwen3_vl"),
+                                         ("gspo", "qwen2_5_vl"), ("cispo", "qwen2_5_vl")], indirect=["family"])
 def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path, mode):
     root, model = small_world
     common = ["--model", model, "--data", str(root / "mcq.jsonl"), "--device", "cpu", "--max_steps", "2",
@@ -482,7 +484,8 @@ def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora,family", [(False, "qwen2_5_vl"), (True, "qwen2_5_vl"), (True, "qwen3_vl")],
+                         indirect=["family"])
 def test_stop_and_resume_equals_uninterrupted(small_world, tmp_path, monkeypatch, lora):
     root, model = small_world
     flags = ["--max_steps", "4", "--save_every", "2", "--num_iterations", "2", "--beta", "0.04"]

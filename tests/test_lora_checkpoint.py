@@ -21,6 +21,9 @@ def test_lora_off_equals_base_and_merge_equals_unmerged(tiny_dir, tiny, images):
     n = lora.add_lora(model, r=4, alpha=8, dropout=0.0)
     assert n == 7 * model.config.text_config.num_hidden_layers  # LM linear layers only
     assert not any(".visual." in f".{k}" for k, _ in model.named_parameters() if "lora_" in k)
+    # with the vision tower: its MLPs too, whatever the family names them (gate/up/down_proj, linear_fc1/2)
+    vision = lora.add_lora(fresh_model(tiny_dir), r=4, alpha=8, dropout=0.0, include_vision=True) - n
+    assert vision >= 2 * model.config.vision_config.depth
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A" in k or ".lora_B" in k for k in trainable)
     torch.manual_seed(0)
@@ -42,10 +45,9 @@ def test_lora_off_equals_base_and_merge_equals_unmerged(tiny_dir, tiny, images):
 
 
 def test_save_load_round_trip_with_lora_merged(tiny_dir, tiny, images, tmp_path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
     _, proc = tiny
     model = fresh_model(tiny_dir)
-    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0, include_vision=True)
     with torch.no_grad():
         for m in lora.lora_modules(model):
             m.lora_B.normal_(std=0.05)
@@ -57,7 +59,7 @@ def test_save_load_round_trip_with_lora_merged(tiny_dir, tiny, images, tmp_path)
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
             "adapter.safetensors", "adapter_config.json"} <= files
-    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "ckpt")).eval()
+    loaded = vlm.model_class(model.config).from_pretrained(str(tmp_path / "ckpt")).eval()  # plain transformers
     with torch.no_grad():
         after = vlm.sequence_logprobs(loaded, batch, ids, mask)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
@@ -84,8 +86,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_dir, tiny, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(model, proc, path, write_files=crash)  # weights written, then the crash
     assert {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)} == before
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    reloaded = vlm.model_class(model.config).from_pretrained(path)
     assert torch.equal(reloaded.lm_head.weight, fresh_model(tiny_dir).lm_head.weight)
 
 
@@ -112,16 +113,18 @@ def test_train_state_round_trip_without_pickle(tiny_dir, tmp_path):
     assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in os.listdir(tmp_path))
 
 
-def test_saved_config_carries_what_transformers_4_reads(tiny_dir, tiny, tmp_path):
-    """transformers 4.5x builds the text config from text_config alone: rope_scaling (with mrope_section),
-    rope_theta and tie_word_embeddings must be there, equal to what 5.x uses; the tokenizer class must be
-    one 4.5x has; the image bounds also as the top-level keys 4.5x reads."""
+def test_saved_config_carries_what_transformers_4_reads(tiny_dir, tiny, tmp_path, family):
+    """transformers 4.5x builds the text config from text_config alone: rope_scaling (with mrope_section, in
+    the family's form), rope_theta and tie_word_embeddings must be there, equal to what 5.x uses; the
+    tokenizer class must be one 4.5x has; the image bounds also as the top-level keys 4.5x reads."""
     import json
     model, proc = fresh_model(tiny_dir), tiny[1]
     checkpoint.save_checkpoint(model, proc, str(tmp_path / "ckpt"))
     config = json.load(open(tmp_path / "ckpt" / "config.json"))
     text, rope = config["text_config"], config["text_config"]["rope_parameters"]
-    assert text["rope_scaling"] == {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    assert text["rope_scaling"] == {
+        "qwen2_5_vl": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+        "qwen3_vl": {"rope_type": "default", "mrope_section": rope["mrope_section"], "mrope_interleaved": True}}[family]
     assert text["rope_theta"] == rope["rope_theta"] and text["tie_word_embeddings"] is config["tie_word_embeddings"]
     tokenizer = json.load(open(tmp_path / "ckpt" / "tokenizer_config.json"))
     assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -129,9 +132,9 @@ def test_saved_config_carries_what_transformers_4_reads(tiny_dir, tiny, tmp_path
     pre = json.load(open(tmp_path / "ckpt" / "preprocessor_config.json"))
     assert (pre["min_pixels"], pre["max_pixels"]) == (pre["size"]["shortest_edge"], pre["size"]["longest_edge"])
     # and 5.x reads it all back the same
-    from transformers import Qwen2_5_VLConfig
-    again = Qwen2_5_VLConfig.from_pretrained(str(tmp_path / "ckpt"))
-    assert again.text_config.rope_parameters["rope_theta"] == rope["rope_theta"]
+    from transformers import AutoConfig
+    again = AutoConfig.from_pretrained(str(tmp_path / "ckpt"))
+    assert again.text_config.rope_parameters == model.config.text_config.rope_parameters
     assert again.tie_word_embeddings == config["tie_word_embeddings"]
     assert vlm.Processor.from_pretrained(str(tmp_path / "ckpt")).pixel_bounds == proc.pixel_bounds
 
@@ -140,9 +143,9 @@ TRANSFORMERS4 = os.environ.get("FGRL_TRANSFORMERS4_PYTHON")
 FORWARD_IN_TRANSFORMERS4 = r"""
 import json, sys, torch, transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-folder, inputs, out = sys.argv[1:4]
-model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
+from transformers import AutoTokenizer, Qwen2VLImageProcessor
+folder, inputs, out, model_class = sys.argv[1:5]
+model, info = getattr(transformers, model_class).from_pretrained(folder, output_loading_info=True,
                                                                  attn_implementation="sdpa")
 t = load_file(inputs)
 with torch.no_grad():
@@ -159,14 +162,15 @@ print(json.dumps({"version": transformers.__version__, "missing": info["missing_
 @pytest.mark.skipif(not TRANSFORMERS4, reason="needs FGRL_TRANSFORMERS4_PYTHON: a python with transformers 4.57 "
                                               "(bash runs/check_transformers4.sh builds one and runs this; CI does)")
 @pytest.mark.parametrize("tie", [True, False])
-def test_a_checkpoint_loads_with_identical_logits_in_transformers_4(tmp_path, images, tie):
+def test_a_checkpoint_loads_with_identical_logits_in_transformers_4(tmp_path, images, tie, family):
     """A checkpoint saved here (LoRA merged in), loaded by transformers 4.57 in its own virtual environment,
-    gives the logits transformers 5.x gives; tokenizer and image bounds read the same."""
+    gives the logits transformers 5.x gives; tokenizer and image bounds read the same. Both families:
+    4.57 has Qwen3-VL (Qwen3-VL-2B/4B tie their embeddings, 8B does not)."""
     import json
     import subprocess
     from safetensors.torch import load_file, save_file
     from tiny import build_tiny_model
-    build_tiny_model(str(tmp_path / "start"), seed=1, init_std=0.1, tie=tie)
+    build_tiny_model(str(tmp_path / "start"), seed=1, init_std=0.1, tie=tie, family=family)
     model, proc = vlm.load_model(str(tmp_path / "start")), vlm.Processor.from_pretrained(str(tmp_path / "start"))
     lora.add_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
@@ -182,7 +186,8 @@ def test_a_checkpoint_loads_with_identical_logits_in_transformers_4(tmp_path, im
         ours = saved(**inputs, mm_token_type_ids=batch.mm_token_type_ids).logits
     (tmp_path / "forward4.py").write_text(FORWARD_IN_TRANSFORMERS4)
     done = subprocess.run([TRANSFORMERS4, str(tmp_path / "forward4.py"), str(tmp_path / "ckpt"),
-                           str(tmp_path / "inputs.safetensors"), str(tmp_path / "logits4.safetensors")],
+                           str(tmp_path / "inputs.safetensors"), str(tmp_path / "logits4.safetensors"),
+                           vlm.FAMILIES[family].model_class],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

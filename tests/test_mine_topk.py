@@ -250,6 +250,7 @@ def run_script(args, nproc):
     return proc.stdout
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # sharding the data: nothing family-specific
 def test_two_ranks_equal_one_rank(world, tmp_path):
     outs = {}
     for nproc in (1, 2):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import vlm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft.py": "sft", "grpo.py": "grpo", "mine_topk.py": "mine_topk", "evaluate.py": "evaluate",
            "bench.py": "bench", "engine.py": "engine", "tiny.py": "tiny", "runs/toy_base.py": "runs.toy_base",
@@ -119,23 +121,32 @@ SAMPLING_FLAGS = ("--num_samples", "--prompts_per_call", "--max_new_tokens", "--
 MODEL_SCRIPTS = ("sft.py", "grpo.py", "mine_topk.py", "evaluate.py", "bench.py", "engine.py")
 
 
-def test_toy_base_model_builder(small_world, tmp_path):
-    root, _ = small_world
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def test_toy_base_model_builder(toy_world, tmp_path, family):
+    """Only the vision tower trains (Qwen3-VL: its DeepStack mergers too, which feed the language model), and
+    the images drawn in a second process or in this one give the same model (one family is enough for that)."""
+    root, _ = toy_world
     import torch
+    from PIL import Image
+    from transformers import AutoConfig
     trained = {}
-    for workers in ("1", "0"):  # images drawn in a second process or in this one: the same model
+    for workers in ("1", "0") if family == "qwen2_5_vl" else ("0",):
         out = tmp_path / f"vision{workers}"
         done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
-                               str(out), "--max_steps", "3", "--batch_size", "4", "--draw_workers", workers],
-                              capture_output=True, text=True, cwd=ROOT)
+                               str(out), "--max_steps", "3", "--batch_size", "4", "--draw_workers", workers,
+                               "--family", family], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "held-out attribute accuracy" in done.stdout
-        trained[workers] = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out)).named_parameters())
-    init = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out) + ".init")
+        cls = vlm.model_class(AutoConfig.from_pretrained(str(out)))
+        trained[workers] = dict(cls.from_pretrained(str(out)).named_parameters())
+    size = json.load(open(root / "classes.json"))["config"]["size"]  # either family sees a world image as 4 tokens
+    batch = vlm.Processor.from_pretrained(str(out)).encode([Image.new("RGB", (size, size))], ["q"])
+    assert int(batch.mm_token_type_ids.sum()) == (size // 28) ** 2 == 4
+    init = cls.from_pretrained(str(out) + ".init")
     changed = {n for n, a in init.named_parameters() if not torch.equal(a, trained["0"][n])}
     assert changed and all(".visual." in f".{n}" for n in changed)  # only the vision tower was trained
-    assert all(torch.equal(trained["0"][n], trained["1"][n]) for n in trained["0"])
+    if family == "qwen3_vl":
+        assert any(".deepstack_merger_list." in n for n in changed)
+    assert all(torch.equal(trained["0"][n], trained[w][n]) for w in trained for n in trained["0"])
 
 
 def test_summary_table(tmp_path):
@@ -154,17 +165,18 @@ def test_summary_table(tmp_path):
     assert table[3].split() == ["GRPO", "75.0", "25.0", "40.0", "30.0", "87.5"]
 
 
-@pytest.mark.parametrize("extra,update_row", [([], "update: fwd+bwd "),
-                                               (["--lora_r", "4", "--gradient_checkpointing"],
-                                                "update: fwd+bwd, LoRA r4, checkpointed")])
-def test_bench_runs_and_reports_every_row(extra, update_row):
+@pytest.mark.parametrize("extra,how", [([], ""),
+                                       (["--lora_r", "4", "--gradient_checkpointing"], ", LoRA r4, checkpointed")])
+def test_bench_runs_and_reports_every_row(extra, how):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--prompts_per_call", "2", "--num_samples", "2",
                            "--max_new_tokens", "4", "--repeats", "1", "--device", "cpu"] + extra,
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step", update_row,
-                "update: MFU"):
+    for row in ("rollout: ours", "rollout: model.generate", "ours / generate", "decode step",
+                f"update: fwd+bwd, shared prefix{how} ", f"update: fwd+bwd, per row{how} ",
+                "update: per row / shared prefix"):
         assert row in done.stdout, row
+    assert "MFU" in done.stdout
 
 
 

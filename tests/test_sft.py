@@ -69,6 +69,7 @@ def weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # Qwen3-VL under FSDP2: tests/test_grpo.py
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one(squares, tmp_path, mode):
     """gloo on CPU: DDP, and FSDP2 (sharded parameters, gradients and optimizer state)."""

@@ -64,7 +64,7 @@ def prompts(tiny, images):
 
 
 @pytest.mark.parametrize("G", [1, 2, 5])
-def test_groups_equal_per_row(trainable_model, tiny, prompts, G):
+def test_groups_equal_per_row(trainable_model, tiny, prompts, G, family):
     proc = tiny[1]
     ids, mask = completions(3 * G, 9, proc, seed=G)
     rows = [i // G for i in range(3 * G)]
@@ -72,6 +72,8 @@ def test_groups_equal_per_row(trainable_model, tiny, prompts, G):
     per_row = scored(trainable_model, prompts, ids, mask, rows, shared=False)
     assert_same(shared, per_row)
     assert any(".visual." in f".{n}" for n in shared[2])  # the vision tower's gradient is compared too
+    if family == "qwen3_vl":  # DeepStack: the inner blocks' features reach the packed rows' image positions
+        assert any(".deepstack_merger_list." in n for n in shared[2])
     assert per_row[0].abs().max() > 1.0  # log-probs of a real size: the tolerance is not vacuous
 
 

@@ -9,16 +9,19 @@ import tiny
 import vlm
 from conftest import QUESTIONS, random_image
 
-def test_encode_left_pads_and_expands_image_tokens(tiny, images):
+def test_encode_left_pads_and_expands_image_tokens(tiny, images, family):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) == 3  # different text and image lengths
     assert (batch.attention_mask[:, -1] == 1).all()  # left padding: every row ends with a real token
     n_image = (batch.input_ids == proc.image_token_id).sum(1).tolist()
+    # both families: a 56 px side is 2 tokens of 28 px, or of 32 px once rounded to 64
     assert n_image == [4, 6, 8] == (batch.image_grid_thw.prod(-1) // 4).tolist()
     text = proc.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
-    assert text.startswith("<|im_start|>system\n") and text.endswith("Hi<|im_end|>\n<|im_start|>assistant\n")
+    # Qwen3-VL's template adds no default system turn
+    first_turn = {"qwen2_5_vl": "<|im_start|>system\n", "qwen3_vl": "<|im_start|>user\n"}[family]
+    assert text.startswith(first_turn) and text.endswith("Hi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_positions_equal_transformers_rope_index(tiny, images):
@@ -30,7 +33,7 @@ def test_positions_equal_transformers_rope_index(tiny, images):
     assert (batch.position_ids[:, :, -1] + 1 < batch.attention_mask.sum(1)).all()  # images shorten positions
 
 
-def test_scorer_equals_sampler_logprobs(tiny, images):
+def test_scorer_equals_sampler_logprobs(tiny, images, family):
     model, proc = tiny
     batch = proc.encode(images, QUESTIONS)
     roll = engine.sample_completions(model, batch, group_size=2, max_new_tokens=16, temperature=0.7, top_p=0.9,
@@ -43,10 +46,16 @@ def test_scorer_equals_sampler_logprobs(tiny, images):
 
     # The silent fallback this guards against: a forward that leaves positions to transformers and passes
     # no mm_token_type_ids gets 1-D positions, and its log-probs differ — so the assertion above would fail.
+    # (Qwen3-VL's forward refuses such a call instead.)
+    fallback_forward = lambda: model(input_ids=torch.cat([rows.input_ids, roll.completion_ids], 1),
+                                     attention_mask=torch.cat([rows.attention_mask, roll.completion_mask.long()], 1),
+                                     pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw)
+    if family == "qwen3_vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            fallback_forward()
+        return
     with torch.no_grad():
-        out = model(input_ids=torch.cat([rows.input_ids, roll.completion_ids], 1),
-                    attention_mask=torch.cat([rows.attention_mask, roll.completion_mask.long()], 1),
-                    pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw)
+        out = fallback_forward()
     T = rows.input_ids.shape[1]
     L = roll.completion_ids.shape[1]
     fallback = (out.logits[:, T - 1:T - 1 + L].float() / 0.7).log_softmax(-1)
@@ -119,12 +128,25 @@ def test_text_only_prompts(tiny):
     assert torch.equal(roll.completion_ids, ref)
 
 
-def test_build_tiny_model_is_deterministic(tmp_path):
+def test_build_tiny_model_is_deterministic(tmp_path, family):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    tiny.build_tiny_model(a, seed=3, corpus=["red triangle", "blue square"])
-    tiny.build_tiny_model(b, seed=3, corpus=["red triangle", "blue square"])
+    tiny.build_tiny_model(a, seed=3, corpus=["red triangle", "blue square"], family=family)
+    tiny.build_tiny_model(b, seed=3, corpus=["red triangle", "blue square"], family=family)
     for f in ["model.safetensors", "tokenizer.json", "config.json"]:
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
+
+
+@pytest.mark.parametrize("shape,billions", [("3b", 3.75), ("7b", 8.29), ("qwen3-2b", 2.13), ("qwen3-4b", 4.44),
+                                            ("qwen3-8b", 8.77)])
+def test_real_shapes_have_the_published_parameter_counts(shape, billions):
+    """tiny.REAL_SHAPES against the sizes the Hub states for each model (built on the meta device: no memory);
+    a wrong width, head_dim (Qwen3-VL-4B's is 128, not 2560 / 32 heads) or tie flag shows here."""
+    ids = dict(text=dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643), image_token_id=151655,
+               video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    config = tiny.real_shape_config(shape, ids)
+    with torch.device("meta"):
+        model = vlm.model_class(config)._from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions  # a tied head counted once
 
 
 def test_missing_model_folder_names_the_folder(tmp_path):
@@ -142,21 +164,29 @@ def test_a_checkpoint_is_evaluated_at_the_image_size_it_was_trained_at(squares, 
     (which loads the processor the same way, with no flag) runs at that size; a flag still wins."""
     import sft
     _, data, model_dir = squares
-    assert vlm.Processor.from_pretrained(model_dir).pixel_bounds[1] == 112 * 112
+    start = vlm.Processor.from_pretrained(model_dir)
+    assert start.pixel_bounds[1] == 112 * 112
+    four_tokens = 4 * start.token_pixels  # 56² px for Qwen2.5-VL, 64² for Qwen3-VL
     sft.main(["--model", model_dir, "--data", data, "--out", str(tmp_path / "o"), "--batch_size", "4",
-              "--micro_batch_size", "4", "--max_steps", "1", "--device", "cpu", "--max_pixels", str(56 * 56)])
+              "--micro_batch_size", "4", "--max_steps", "1", "--device", "cpu", "--max_pixels", str(four_tokens)])
     trained = str(tmp_path / "o" / "final")
-    assert vlm.Processor.from_pretrained(trained).pixel_bounds[1] == 56 * 56
+    assert vlm.Processor.from_pretrained(trained).pixel_bounds[1] == four_tokens
     assert visual_tokens(vlm.Processor.from_pretrained(trained), 112, 112) == 4
-    assert visual_tokens(vlm.Processor.from_pretrained(model_dir), 112, 112) == 16
-    assert visual_tokens(vlm.Processor.from_pretrained(trained, max_pixels=112 * 112), 112, 112) == 16
+    side = int(start.token_pixels ** 0.5)  # 112 px: 4 tokens a side of 28 px, 3 of 32 (rounded down to fit)
+    assert visual_tokens(start, 112, 112) == (112 // side) ** 2
+    assert visual_tokens(vlm.Processor.from_pretrained(trained, max_pixels=112 * 112), 112, 112) == (112 // side) ** 2
 
 
-def hub_form_folder(tiny_dir, folder):
-    """A copy of the tiny model in the form of the Hub's Qwen2.5-VL files: a flat config.json (no
+HUB_PIXELS = tiny.HUB_PIXELS  # the Hub preprocessor configs' bounds
+
+
+def hub_form_folder(tiny_dir, folder, family):
+    """A copy of the tiny model in the form of the Hub's files. Qwen2.5-VL: a flat config.json (no
     text_config; rope_scaling {"type": "mrope", ...} and rope_theta at the top, as transformers 4.41 wrote
     Qwen/Qwen2.5-VL-7B-Instruct's) and a preprocessor_config.json with top-level min_pixels / max_pixels
-    (3136 and 12845056) and no `size`."""
+    and no `size`. Qwen3-VL (written by 4.57): text_config with rope_scaling {"rope_type": "default",
+    "mrope_section", "mrope_interleaved": true} and rope_theta instead of rope_parameters, the vision
+    config's model_type "qwen3_vl"; the bounds in `size`."""
     import json
     import shutil
     shutil.copytree(tiny_dir, folder)
@@ -164,32 +194,45 @@ def hub_form_folder(tiny_dir, folder):
     config = json.load(open(path))
     text = config.pop("text_config")
     rope = text.pop("rope_parameters")
-    for key in ("rope_scaling", "model_type", "layer_types", "dtype"):
-        text.pop(key, None)
-    config.update(text, rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
-                  rope_theta=rope["rope_theta"], torch_dtype="float32", transformers_version="4.41.2")
     config["vision_config"].pop("rope_parameters", None)
+    config.update(torch_dtype="float32")
+    if family == "qwen3_vl":
+        text.update(rope_scaling={"rope_type": "default", "mrope_section": rope["mrope_section"],
+                                  "mrope_interleaved": True}, rope_theta=rope["rope_theta"])
+        config["vision_config"]["model_type"] = "qwen3_vl"
+        config.update(text_config=text, transformers_version="4.57.0.dev0")
+    else:
+        for key in ("rope_scaling", "model_type", "layer_types", "dtype"):
+            text.pop(key, None)
+        config.update(text, rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+                      rope_theta=rope["rope_theta"], transformers_version="4.41.2")
     json.dump(config, open(path, "w"), indent=2)
     path = os.path.join(folder, "preprocessor_config.json")
     config = json.load(open(path))
     config.pop("size")
-    config.update(min_pixels=3136, max_pixels=12845056, image_processor_type="Qwen2VLImageProcessor",
-                  processor_class="Qwen2_5_VLProcessor")
+    for key in ("min_pixels", "max_pixels"):
+        config.pop(key, None)
+    lo, hi = HUB_PIXELS[family]
+    if family == "qwen3_vl":
+        config.update(size={"longest_edge": hi, "shortest_edge": lo}, image_processor_type="Qwen2VLImageProcessorFast",
+                      processor_class="Qwen3VLProcessor")
+    else:
+        config.update(min_pixels=lo, max_pixels=hi, image_processor_type="Qwen2VLImageProcessor",
+                      processor_class="Qwen2_5_VLProcessor")
     json.dump(config, open(path, "w"), indent=2)
     return folder
 
 
-def test_a_checkpoint_in_the_hubs_form_loads_the_same_model(tiny_dir, tiny, images, tmp_path):
-    """The real checkpoints' files are in an older, flat form: loaded through the same path, the same model
+def test_a_checkpoint_in_the_hubs_form_loads_the_same_model(tiny_dir, tiny, images, tmp_path, family):
+    """The real checkpoints' files are in an older form: loaded through the same path, the same model
     (rotary sections and theta, tied head) and the same prompts."""
     import json
-    folder = hub_form_folder(tiny_dir, str(tmp_path / "hub"))
-    assert "text_config" not in json.load(open(os.path.join(folder, "config.json")))
+    folder = hub_form_folder(tiny_dir, str(tmp_path / "hub"), family)
+    assert "rope_parameters" not in json.dumps(json.load(open(os.path.join(folder, "config.json"))))
     model, proc = tiny
     hub = vlm.load_model(folder)
-    hub_proc = vlm.Processor.from_pretrained(folder, max_pixels=112 * 112)
-    assert hub.config.text_config.rope_parameters["mrope_section"] == \
-        model.config.text_config.rope_parameters["mrope_section"]
+    hub_proc = vlm.Processor.from_pretrained(folder, min_pixels=proc.pixel_bounds[0], max_pixels=112 * 112)
+    assert hub.config.text_config.rope_parameters == model.config.text_config.rope_parameters
     batch = proc.encode(images, QUESTIONS)
     assert torch.equal(hub_proc.encode(images, QUESTIONS).input_ids, batch.input_ids)
     ids, mask = proc.encode_completions(["<answer>red square</answer>", "b", "c d e"])
@@ -199,25 +242,28 @@ def test_a_checkpoint_in_the_hubs_form_loads_the_same_model(tiny_dir, tiny, imag
 
 
 @pytest.mark.parametrize("h,w", [(333, 500), (1000, 750), (448, 448), (56, 56)])
-def test_max_pixels_is_honoured_on_a_checkpoint_in_the_hubs_form(tiny_dir, tmp_path, h, w):
+def test_max_pixels_is_honoured_on_a_checkpoint_in_the_hubs_form(tiny_dir, tmp_path, h, w, family):
     """transformers lets a config's top-level min/max_pixels override a `size` passed to from_pretrained;
-    the flag must win anyway, and with no flag the file's own bounds apply."""
-    folder = hub_form_folder(tiny_dir, str(tmp_path / "hub"))
+    the flag must win anyway, and with no flag the file's own bounds apply. Budgets in visual tokens: the
+    same number of pixels is fewer tokens for Qwen3-VL (32² px a token) than for Qwen2.5-VL (28²)."""
+    folder = hub_form_folder(tiny_dir, str(tmp_path / "hub"), family)
     own = vlm.Processor.from_pretrained(folder)
-    assert own.pixel_bounds == (3136, 12845056)
+    assert own.pixel_bounds == HUB_PIXELS[family]
+    px = own.token_pixels
     n_own = visual_tokens(own, h, w)
-    assert abs(n_own * 28 * 28 - h * w) <= 0.5 * h * w  # about the image's own area (nothing capped)
-    for max_pixels in (3136, 200704, 401408):
+    area = max(h * w, own.pixel_bounds[0])  # the image's own area, or the smallest allowed
+    assert abs(n_own * px - area) <= 0.5 * area  # nothing capped
+    for max_pixels in (4 * px, 256 * px, 512 * px):
         proc = vlm.Processor.from_pretrained(folder, max_pixels=max_pixels)
         n = visual_tokens(proc, h, w)
-        assert n * 28 * 28 <= max_pixels and n == min(n_own, n) and n >= 1
-        if h * w > max_pixels:
-            assert n * 28 * 28 >= max_pixels / 3  # capped, not collapsed
-    assert visual_tokens(vlm.Processor.from_pretrained(folder, max_pixels=3136), h, w) <= 4
+        assert n * px <= max_pixels and n == min(n_own, n) and n >= 1
+        if area > max_pixels:
+            assert n * px >= max_pixels / 3  # capped, not collapsed
+    assert visual_tokens(vlm.Processor.from_pretrained(folder, max_pixels=4 * px), h, w) <= 4
 
 
 # Qwen2.5-VL's chat template as the Hub's checkpoints ship it (chat_template.json / tokenizer_config.json):
-# a real checkpoint's tokenizer carries it, and vlm.Processor then uses it instead of QWEN_CHAT_TEMPLATE
+# a real checkpoint's tokenizer carries it, and vlm.Processor then uses it instead of QWEN25_CHAT_TEMPLATE
 HUB_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -233,20 +279,46 @@ HUB_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+# Qwen3-VL's chat template as the Hub's checkpoints ship it, its tool-calling branches left out (a system
+# turn is written only when the messages have one)
+HUB_QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}"
+    "{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}{%- if message.role == \"user\" %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == \"assistant\" %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for content_item in message.content %}"
+    "{%- if 'text' in content_item %}{{- content_item.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+HUB_CHAT_TEMPLATES = {"qwen2_5_vl": HUB_CHAT_TEMPLATE, "qwen3_vl": HUB_QWEN3_CHAT_TEMPLATE}
+
+
 @pytest.mark.parametrize("system_prompt", [None, "You judge answers."])
 @pytest.mark.parametrize("with_image", [True, False])
-def test_prompts_are_what_the_hubs_own_template_gives(tiny, system_prompt, with_image):
+def test_prompts_are_what_the_hubs_own_template_gives(tiny, system_prompt, with_image, family):
     """The template used when a checkpoint has none renders every prompt this codebase sends exactly as
-    the template the real checkpoints carry: the tiny model is asked as Qwen2.5-VL is."""
+    the template the real checkpoints of its family carry: the tiny model is asked as the real one is."""
     _, proc = tiny
-    ours = vlm.Processor(proc.tokenizer, proc.image_processor, system_prompt=system_prompt)
-    ours.chat_template = vlm.QWEN_CHAT_TEMPLATE
+    ours = vlm.Processor(proc.tokenizer, proc.image_processor, system_prompt=system_prompt,
+                         model_family=vlm.FAMILIES[family])
+    ours.chat_template = vlm.FAMILIES[family].chat_template
     hub = vlm.Processor(proc.tokenizer, proc.image_processor, system_prompt=system_prompt)
-    hub.chat_template = HUB_CHAT_TEMPLATE
+    hub.chat_template = HUB_CHAT_TEMPLATES[family]
     for question in QUESTIONS + ["Options:\nA. x\nB. y\nAnswer with the option's letter."]:
         text = ours.prompt_text(question, with_image)
         assert text == hub.prompt_text(question, with_image)
         assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and ("<|image_pad|>" in text) == with_image
+        assert text.startswith("<|im_start|>system\n") == (family == "qwen2_5_vl" or system_prompt is not None)
 
 
 def test_a_large_jpeg_is_decoded_smaller_and_a_normal_one_exactly(tiny_dir, tmp_path):
@@ -273,7 +345,7 @@ def test_a_large_jpeg_is_decoded_smaller_and_a_normal_one_exactly(tiny_dir, tmp_
     assert (a.pixel_values - b.pixel_values).abs().mean() < 0.05  # the same picture, resampled from fewer pixels
 
 
-def test_an_image_of_thousands_of_visual_tokens_is_warned_of_naming_the_flag(tiny_dir, tmp_path, capsys):
+def test_an_image_of_thousands_of_visual_tokens_is_warned_of_naming_the_flag(tiny_dir, tmp_path, capsys, family):
     """A Hub checkpoint allows 16,384 visual tokens per image: said up front with the count and the flag to
     set, rather than found out from an out-of-memory error. Image headers only: nothing is decoded."""
     from PIL import Image
@@ -281,10 +353,12 @@ def test_an_image_of_thousands_of_visual_tokens_is_warned_of_naming_the_flag(tin
     Image.new("RGB", (2800, 2100), (200, 30, 30)).save(tmp_path / "big.png")
     Image.new("RGB", (56, 56)).save(tmp_path / "small.png")
     records = [{"image": str(tmp_path / "small.png")}, {"image": str(tmp_path / "big.png")}]
-    hub_bounds = vlm.Processor.from_pretrained(tiny_dir, max_pixels=12845056)
+    hub_bounds = vlm.Processor.from_pretrained(tiny_dir, max_pixels=HUB_PIXELS[family][1])
     common.warn_large_images(records, hub_bounds)
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "big.png" in out[0] and "7500 visual tokens" in out[0] and "--max_pixels" in out[0]
-    common.warn_large_images(records, vlm.Processor.from_pretrained(tiny_dir, max_pixels=401408))
+    n = {"qwen2_5_vl": 7500, "qwen3_vl": 5808}[family]  # 100 x 75 tokens of 28 px; 88 x 66 of 32 (2816x2112 px)
+    assert len(out) == 1 and "big.png" in out[0] and f"{n} visual tokens" in out[0] and "--max_pixels" in out[0]
+    assert f"e.g. {512 * hub_bounds.token_pixels}," in out[0]  # the example in the family's own unit
+    common.warn_large_images(records, vlm.Processor.from_pretrained(tiny_dir, max_pixels=512 * hub_bounds.token_pixels))
     common.warn_large_images(records[:1], hub_bounds)
     assert capsys.readouterr().out == ""
