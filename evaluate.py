@@ -475,6 +475,9 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--model", help="checkpoint folder or Hub id to evaluate")
     a("--data", nargs="+", help="records JSONL file(s), e.g. test_base.jsonl test_novel.jsonl")
+    a("--mcq_data", nargs="+", default=None,
+      help="the records --mode mcq reads, when they are not --data's (e.g. test_mcq.jsonl beside the open "
+           "questions' test_base/test_novel: every mode in one process, the model loaded once)")
     a("--classes", help="classes.json (base flags, aliases, hierarchy)")
     a("--out", help="output folder: predictions_<mode>.jsonl, metrics_<mode>.json")
     a("--mode", nargs="+", default=["open"], choices=MODES, help="one or more evaluation modes")
@@ -517,14 +520,20 @@ def main(argv=None):
     d = init_distributed(args.device)
     table = load_classes(args.classes)
     index = ClassIndex(table)
-    files = []
-    for path in args.data:
-        records = read_records(path, skip_bad=args.skip_bad, classes=table)
-        files.append((path, records[:args.limit] if args.limit else records))
-    for _, records in files if "mcq" in args.mode else ():
+    def read(paths):
+        out = []
+        for path in paths:
+            records = read_records(path, skip_bad=args.skip_bad, classes=table)
+            out.append((path, records[:args.limit] if args.limit else records))
+        return out
+
+    files = read(args.data)
+    mcq_files = read(args.mcq_data) if args.mcq_data else files
+    files_for = {mode: mcq_files if mode == "mcq" else files for mode in args.mode}
+    for _, records in files_for.get("mcq", ()):
         require_fields(records, ("options", "answer"), "--mode mcq")
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
-    warn_large_images([r for _, records in files for r in records], processor)
+    warn_large_images([r for _, records in files + (mcq_files if args.mcq_data else []) for r in records], processor)
     model = vlm.load_model(args.model, d.device, args.dtype)
     ctx = {"args": args, "index": index, "device": d.device, "model": model, "processor": processor,
            "listed": {m: class_list_for(m, args, table, index) for m in MODES},
@@ -532,7 +541,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for mode in args.mode:
         t0, parts = time.time(), []
-        for path, records in files:
+        for path, records in files_for[mode]:
             tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
             stem = os.path.splitext(os.path.basename(path))[0]
             shards = ResumableShards(os.path.join(args.out, "parts", f"{mode}.{stem}.{tag}.jsonl"), d)

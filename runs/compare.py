@@ -5,8 +5,10 @@
 
 Each folder is one world (one seed) as runs/toy.sh leaves it: eval/<run>/metrics_*.json (evaluate.py) and
 <run>/log.jsonl (grpo.py) for the runs in RUNS. It prints one row per run, then for each paper its
-headline claim, the paper's number, the same difference here and a verdict, then whether each GRPO run's
-training reward rose (`training_rewards`); and writes, beside the
+headline claim, the paper's number, the same difference here and a verdict, then whether each recipe moved
+the held-out number it trains for from the model it starts from (`objectives`: the same rule; the format-only
+control should stay within 3 points), then whether each GRPO run's training reward rose
+(`training_rewards`); and writes, beside the
 folders (or in --out), curves.png (each GRPO run's reward, accuracy, KL, entropy and completion length
 per step, averaged over seeds) and accuracy.png (base / novel / HM per run, ± std over seeds).
 
@@ -93,6 +95,55 @@ def claims(values):
     return out
 
 
+OBJECTIVES = [  # (run, the held-out number its recipe trains for, the run it starts from, what counts)
+    ("format", "HM", "start", "control"),  # no task signal: it should stay where it starts (within 3 points)
+    ("exact", "base", "start", "rise"),    # Visual-RFT: base accuracy, the base classes listed
+    ("divek", "MCQ", "start", "rise"),     # DiVE-k: the held-out MCQ
+    ("speciarl", "specific", "start", "rise"),  # SpeciaRL: specificity ...
+    ("speciarl", "correct", "start", "keep"),   # ... without losing correctness
+    ("tapo", "base", "cot", "rise"),       # Fine-R1's TAPO and plain DAPO: base accuracy over their CoT SFT start
+    ("dapo", "base", "cot", "rise"),
+]
+CONTROL_BAND = 3.0  # points: how far the format-only control's HM may move and still count as unmoved
+
+
+def objective_verdict(diffs, kind):
+    """Whether a recipe moved its own held-out number from its start (per-seed differences, in points):
+    rise: 'improves' (m > s > 0 by the module's rule, or m > 0 on one seed: printed as such), 'within noise',
+    'worse'; keep: 'kept' unless it falls beyond noise ('falls'); control: 'unmoved' when |m| <= 3 points."""
+    m, sd, n = mean_std(diffs)
+    if m is None:
+        return "-"
+    if kind == "control":
+        return "unmoved" if abs(m) <= CONTROL_BAND else "moved"
+    v = verdict(diffs) if n > 1 else ("reproduced" if m > 0 else "opposite" if m < 0 else "within noise")
+    if kind == "keep":
+        return "falls" if v == "opposite" else "kept"
+    return {"reproduced": "improves", "opposite": "worse"}.get(v, "within noise") + (" (one seed)" if n == 1 else "")
+
+
+def objectives(values):
+    """[(recipe, objective, its start's mean, the recipe's mean, per-seed differences, verdict)] for the runs
+    present in `values`: what each recipe trains for, measured on held-out images against the model it starts from."""
+    names, out = dict(RUNS), []
+    for run, header, start, kind in OBJECTIVES:
+        if run in values and start in values:
+            d = differences(values, run, start, header)
+            out.append((names[run], f"{header} (from {names[start]})", mean_std(values[start][header])[0],
+                        mean_std(values[run][header])[0], d, objective_verdict(d, kind)))
+    return out
+
+
+def format_objectives(rows, n_seeds):
+    body = []
+    for name, objective, a, b, d, v in rows:
+        m, sd, _ = mean_std(d)
+        body.append([name, objective, f"{a:.1f}", f"{b:.1f}",
+                     "-" if m is None else f"{m:+.1f}" + (f" ± {sd:.1f}" if sd is not None else ""), v])
+    seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    return text_table(["own objective (held out)", "number", "start", "after", f"change ({seeds})", "verdict"], body)
+
+
 def format_claims(rows, n_seeds):
     body = []
     for claim, paper, d, v in rows:
@@ -164,6 +215,10 @@ def main(argv=None):
     print(summary(evals, labels, COLUMNS))
     print()
     print(format_claims(claims(values), len(args.folders)))
+    own = objectives(values)
+    if own:
+        print()
+        print(format_objectives(own, len(args.folders)))
     rises = training_rewards(args.folders)
     if rises:
         print()

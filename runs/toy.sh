@@ -80,11 +80,9 @@ timed() {  # timed LOG WHAT COMMAND...: run a stage, its output in $W/logs/LOG.l
   cpu; printf '[%4ds] %-52s %4ds  (CPU %4.0fs)\n' "$SECONDS" "$2" "$((SECONDS - t0))" "$(awk "BEGIN { print $CPU - $c0 }")"
 }
 
-evaluate() {  # evaluate MODEL NAME: every column of the table into $W/eval/NAME
-  python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --classes "$D/classes.json" \
-    --mode open two_step open_world --class_list $LISTED --num_samples 8 --out "$W/eval/$2" \
-    --prompts_per_call 64 --max_new_tokens 64 --seed "$S" --device cpu &&
-  python evaluate.py --model "$1" --data "$D/test_mcq.jsonl" --classes "$D/classes.json" --mode mcq \
+evaluate() {  # evaluate MODEL NAME: every column of the table into $W/eval/NAME (one process, the model loaded once)
+  python evaluate.py --model "$1" --data "$D/test_base.jsonl" "$D/test_novel.jsonl" --mcq_data "$D/test_mcq.jsonl" \
+    --classes "$D/classes.json" --mode open two_step open_world mcq --class_list $LISTED --num_samples 8 \
     --out "$W/eval/$2" --prompts_per_call 64 --max_new_tokens 64 --seed "$S" --device cpu
 }
 

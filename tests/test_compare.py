@@ -181,3 +181,37 @@ def test_training_rewards_say_which_runs_rise(tmp_path):
     assert list(rows) == ["Visual-RFT", "DiVE-k", "Fine-R1"]  # the table's order
     text = compare.format_training_rewards(compare.training_rewards(folders), 2)
     assert "training reward (2 seeds)" in text and "+0.300" in text
+
+
+def test_objectives_measure_each_recipe_against_the_model_it_starts_from():
+    seeds = lambda *xs: list(xs)
+    cols = lambda base, mcq, hm, specific, correct: {"base": base, "MCQ": mcq, "HM": hm, "specific": specific,
+                                                     "correct": correct}
+    values = {
+        "start": cols(seeds(40, 42, 38), seeds(40, 40, 40), seeds(36, 36, 36), seeds(100, 100, 100), seeds(36, 36, 36)),
+        "format": cols(seeds(40, 40, 40), seeds(40, 40, 40), seeds(33.5, 34, 33), seeds(100, 100, 100), seeds(36, 36, 36)),
+        "exact": cols(seeds(45, 46, 41), seeds(40, 40, 40), seeds(36, 36, 36), seeds(100, 100, 100), seeds(36, 36, 36)),
+        "divek": cols(seeds(40, 40, 40), seeds(41, 39, 40.5), seeds(36, 36, 36), seeds(100, 100, 100), seeds(36, 36, 36)),
+        "speciarl": cols(seeds(0, 0, 0), seeds(0, 0, 0), seeds(0, 0, 0), seeds(0, 0, 0), seeds(80, 77, 81)),
+        "cot": cols(seeds(47, 45, 50), seeds(40, 40, 40), seeds(25, 25, 25), seeds(100, 100, 100), seeds(35, 35, 35)),
+        "tapo": cols(seeds(40, 39, 43), seeds(40, 40, 40), seeds(25, 25, 25), seeds(100, 100, 100), seeds(35, 35, 35)),
+    }  # no "dapo": its row is left out
+    rows = {(name, objective.split()[0]): (a, b, d, v) for name, objective, a, b, d, v in compare.objectives(values)}
+    assert list(rows) == [("format only", "HM"), ("Visual-RFT", "base"), ("DiVE-k", "MCQ"), ("SpeciaRL", "specific"),
+                          ("SpeciaRL", "correct"), ("Fine-R1", "base")]
+    assert rows[("Visual-RFT", "base")][2] == pytest.approx([5, 4, 3]) and rows[("Visual-RFT", "base")][3] == "improves"
+    assert rows[("Visual-RFT", "base")][:2] == (pytest.approx(40), pytest.approx(44))
+    assert rows[("DiVE-k", "MCQ")][3] == "within noise"  # +1, -1, +0.5: the mean is inside one std
+    assert rows[("SpeciaRL", "specific")][3] == "worse" and rows[("SpeciaRL", "correct")][3] == "kept"
+    assert rows[("Fine-R1", "base")][2] == pytest.approx([-7, -6, -7]) and rows[("Fine-R1", "base")][3] == "worse"
+    assert rows[("format only", "HM")][3] == "unmoved"  # -2.5, -2, -3: within 3 points
+    values["format"]["HM"] = [32, 33, 32]
+    assert compare.objectives(values)[0][-1] == "moved"
+    # a fall in correctness beyond noise is what SpeciaRL must not do
+    values["speciarl"]["correct"] = [30, 31, 29]
+    assert {v for n, o, *_, v in compare.objectives(values) if o.startswith("correct")} == {"falls"}
+    # one seed: no std, the sign alone, said so
+    one = {run: {k: v[:1] for k, v in cols_.items()} for run, cols_ in values.items()}
+    assert {v for n, o, *_, v in compare.objectives(one) if n == "Visual-RFT"} == {"improves (one seed)"}
+    table = compare.format_objectives(compare.objectives(values), 3)
+    assert "+4.0 ± 1.0" in table and "unmoved" not in table and "moved" in table

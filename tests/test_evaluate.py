@@ -165,6 +165,29 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
         json.loads(line).get("category") for line in open(os.path.join(out, "predictions_open_world.jsonl"))]
 
 
+def test_mcq_data_runs_the_mcq_on_its_own_files_in_the_same_process(world, tmp_path, monkeypatch):
+    """--mcq_data: the mcq mode reads its files, the other modes --data's; the predictions equal one run per mode."""
+    monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
+    d = world["dir"]
+    base = os.path.join(d, "test_base.jsonl")
+    together, alone = str(tmp_path / "together"), str(tmp_path / "alone")
+    E.main(eval_args(world, together, "open", "mcq", extra=["--mcq_data", base]))
+    E.main(eval_args(world, alone, "open"))
+    mcq_alone = eval_args(world, alone, "mcq")
+    E.main(mcq_alone[:mcq_alone.index("--data") + 1] + [base] + mcq_alone[mcq_alone.index("--classes"):])  # test_base only
+    read = lambda out, mode: [json.loads(line) for line in open(os.path.join(out, f"predictions_{mode}.jsonl"))]
+    assert [r["file"] for r in read(together, "mcq")] == ["test_base"] * 3
+    assert [r["file"] for r in read(together, "open")] == ["test_base"] * 3 + ["test_novel"] * 3
+    for mode in ("open", "mcq"):
+        assert read(together, mode) == read(alone, mode)
+    # the mcq's own files must carry options, whatever --data holds
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("options", "answer")}) + "\n"
+                             for r in read_records(base)))
+    with pytest.raises(SystemExit, match="--mode mcq"):
+        E.main(eval_args(world, str(tmp_path / "bad"), "open", "mcq", extra=["--mcq_data", str(plain)]))
+
+
 def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
     real, calls, limit = E.sample_completions, [], [2]
 
