@@ -461,16 +461,22 @@ def collect_rollouts(items, cursor, sample, args, d):
     """This rank's groups for one step, and the new global cursor (the stream position). `sample(records,
     first_index)` is `rollout` with the rest of its arguments bound. Dynamic sampling (DAPO): groups whose
     rewards are all equal are dropped and more items drawn (all ranks draw together) until every rank has
-    its share or --max_resample extra draws were made; then dropped groups fill the gap (advantage 0)."""
+    its share or --max_resample extra draws were made; then dropped groups fill the gap (advantage 0).
+
+    The info's reward_drawn / accuracy_drawn: the means over every completion drawn this step, on every rank.
+    The kept groups' reward (the step's reward_mean) is biased toward half right by the filter, and stays
+    there however much the policy learns; the drawn reward is what the policy scores on fresh prompts."""
     P = args.prompts_per_step
     per_rank = P // d.world_size
-    kept, dropped, n_kept, draws = [], [], 0, 0
+    kept, dropped, n_kept, draws, drawn = [], [], 0, 0, [0.0, 0.0, 0.0]
     while True:
         start = cursor + d.rank * per_rank
         r = sample([items[start + i] for i in range(per_rank)], start)
         cursor, draws = cursor + P, draws + 1
+        drawn = [drawn[0] + float(r.rewards.sum()),
+                 drawn[1] + rewards_lib.summarize(r.details)["accuracy"] * len(r.rewards), drawn[2] + len(r.rewards)]
         if not args.dynamic_sampling:
-            return r, cursor, {"draws": 1, "filled_groups": 0}
+            return r, cursor, {"draws": 1, "filled_groups": 0, **drawn_means(drawn, d)}
         varied = r.varied_groups()
         kept.append(r.select([g for g, v in enumerate(varied) if v]))
         dropped.append(r.select([g for g, v in enumerate(varied) if not v]))
@@ -479,7 +485,14 @@ def collect_rollouts(items, cursor, sample, args, d):
         if short == 0 or draws > args.max_resample:
             break
     joined = Rollouts.cat([p for p in kept + dropped if len(p)])
-    return joined.select(range(per_rank)), cursor, {"draws": draws, "filled_groups": max(per_rank - n_kept, 0)}
+    return joined.select(range(per_rank)), cursor, {"draws": draws, "filled_groups": max(per_rank - n_kept, 0),
+                                                    **drawn_means(drawn, d)}
+
+
+def drawn_means(sums, d):
+    """[reward sum, accuracy sum, completions] of this rank's draws -> the means over every rank."""
+    reward, accuracy, n = all_reduce_sum(sums, d.device)
+    return {"reward_drawn": reward / max(n, 1), "accuracy_drawn": accuracy / max(n, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------

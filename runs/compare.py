@@ -48,7 +48,9 @@ COLUMNS = [  # (evaluate.py mode, metric, header)
     ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
     ("open_world", "spec_hm", "spec HM"),
 ]
-CURVES = ("reward_mean", "accuracy", "kl", "entropy", "completion_length")
+# the reward and accuracy of every completion drawn (grpo.py's reward_drawn: with DAPO's dynamic sampling the
+# kept groups' reward_mean sits near half right however much the policy learns)
+CURVES = ("reward_drawn", "accuracy_drawn", "kl", "entropy", "completion_length")
 
 
 def verdict(diffs, direction=+1):
@@ -166,12 +168,13 @@ def reward_rise(rewards):
 
 def training_rewards(folders):
     """[(run name, first quarter, last quarter, rise, standard error, verdict)] for each GRPO run, over the
-    seeds: quarters and rises averaged, errors combined. A run learns what it trains on when its reward
+    seeds: quarters and rises averaged, errors combined. The reward is every drawn completion's
+    (reward_drawn; logs without it: reward_mean). A run learns what it trains on when its reward
     rises by >= 0.05 and by more than twice the error."""
     out = []
     names = dict(RUNS)
     for run, _ in RUNS:
-        curves = [[r["reward_mean"] for r in read_jsonl(p) if "reward_mean" in r]
+        curves = [[r.get("reward_drawn", r.get("reward_mean")) for r in read_jsonl(p) if "reward_mean" in r]
                   for p in (os.path.join(f, run, "log.jsonl") for f in folders) if os.path.exists(p)]
         rises = [(reward_rise(c), c) for c in curves]
         rises = [(r, se, c) for (r, se), c in rises if r is not None]

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--vision_depth", type=int, default=2, help="blocks of the tiny vision tower")
     ap.add_argument("--family", default="qwen2_5_vl", choices=list(vlm.FAMILIES),
                     help="the tiny model's architecture: qwen2_5_vl (patch 14) or qwen3_vl (patch 16, DeepStack)")
+    ap.add_argument("--tower", default=None,
+                    help="a folder this script wrote: take its trained vision tower (and merger) instead of training "
+                         "one (the attributes it learns are the same in every seed's world: one tower serves them all)")
     ap.add_argument("--draw_workers", type=int, default=1, choices=[0, 1],
                     help="1: draw the next steps' images in a second process; 0: in this one (same model)")
     return ap.parse_args(argv)
@@ -67,11 +70,12 @@ def draw_init(model_dir, world, classes, batch_size, seed):
 
 def draw_batch(step):
     """Step `step`'s classes (their ids) and images as the vision tower's input, each drawn from its own seed
-    (never an image of any split on disk: a fixed set of images is memorised)."""
+    (never an image of any split on disk: a fixed set of images is memorised). The seed is --seed, not the
+    world's: the tower is then one function of the code and --seed, whichever world it was built beside."""
     d, world = _DRAW, _DRAW["world"]
     rng = rng_of("vision", d["seed"], step)
     batch = [rng.choice(d["classes"]) for _ in range(d["batch_size"])]
-    images = [toy.render(c["attributes"], np.random.default_rng([world["seed"], toy.SPLIT_CODES["vision"], step, i]),
+    images = [toy.render(c["attributes"], np.random.default_rng([d["seed"], toy.SPLIT_CODES["vision"], step, i]),
                          world["size"], world["rotation"], world["jitter"]) for i, c in enumerate(batch)]
     vis = d["processor"].image_processor(images=images, return_tensors="pt")
     return [c["id"] for c in batch], vis["pixel_values"], vis["image_grid_thw"]
@@ -93,6 +97,15 @@ def main(argv=None):
     build_tiny_model(tiny, seed=args.seed, corpus=corpus, image_size=side, vision_hidden=args.vision_hidden,
                      text_layers=args.text_layers, vision_depth=args.vision_depth, family=args.family)
     model, processor = vlm.load_model(tiny), vlm.Processor.from_pretrained(tiny)  # at most side² pixels
+
+    if args.tower:  # this world's tiny model (its tokenizer, its text weights) with the shared tower put in
+        trained = vlm.load_model(args.tower).model.visual
+        if trained.config.to_dict() != model.model.visual.config.to_dict():
+            raise SystemExit(f"--tower {args.tower}: its vision tower is not this model's (other widths or family)")
+        model.model.visual.load_state_dict(trained.state_dict())
+        save_checkpoint(model, processor, args.out)
+        print(f"wrote {args.out} (vision tower from {args.tower})")
+        return
 
     table = load_classes(os.path.join(args.data, "classes.json"))
     world = table["config"]

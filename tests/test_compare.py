@@ -37,6 +37,7 @@ def fake_world(root, seed, hm_shift=0.0):
             with open(os.path.join(folder, run, "log.jsonl"), "w") as f:
                 for step in range(1, 6):
                     f.write(json.dumps({"step": step, "reward_mean": step / 5 + seed, "accuracy": 0.1 * step,
+                                        "reward_drawn": step / 4 + seed, "accuracy_drawn": 0.1 * step,
                                         "kl": 0.01 * step, "entropy": 1 - step / 10, "completion_length": 20}) + "\n")
     return folder
 

@@ -585,3 +585,34 @@ def test_records_the_reward_the_prompt_or_tapo_cannot_use_are_refused_before_any
         grpo.main(args + ["--reward", "exact", "--prompt", "mcq"])
     with pytest.raises(SystemExit, match=r"open.jsonl:1: no 'negative' image and no other class .* --tapo"):
         grpo.main(args + ["--reward", "exact", "--tapo"])
+
+
+def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch):
+    """The kept groups' reward sits near half right by construction; reward_drawn is every draw's mean."""
+    from types import SimpleNamespace
+
+    class Fake:  # the part of Rollouts that collect_rollouts reads
+        def __init__(self, rewards, G=2):
+            self.rewards, self.group_size = torch.tensor(rewards, dtype=torch.float32), G
+            self.details = [{"reward": x, "correct": x == 1.0, "format": 1.0} for x in rewards]
+        varied_groups = grpo.Rollouts.varied_groups
+
+        def select(self, groups):
+            return Fake([float(self.rewards[g * self.group_size + j]) for g in groups for j in range(self.group_size)])
+
+        def __len__(self):
+            return len(self.rewards)
+
+    monkeypatch.setattr(grpo.Rollouts, "cat", staticmethod(lambda parts: Fake([float(x) for p in parts for x in p.rewards])))
+    draws = iter([[1, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0]])  # 3 groups of 2 a draw: 1 varied, then 2 of 3
+    sample = lambda records, first: Fake(next(draws))
+    d = SimpleNamespace(rank=0, world_size=1, device="cpu")
+    args = SimpleNamespace(prompts_per_step=3, dynamic_sampling=True, max_resample=1)
+    r, cursor, info = grpo.collect_rollouts(list(range(10)), 0, sample, args, d)
+    assert cursor == 6 and info["draws"] == 2 and info["filled_groups"] == 0
+    assert r.rewards.tolist() == [1, 0, 0, 1, 1, 0]  # the three varied groups: half right by construction
+    assert info["reward_drawn"] == pytest.approx(7 / 12) and info["accuracy_drawn"] == pytest.approx(7 / 12)
+    draws = iter([[1, 0, 1, 1, 0, 0]])
+    r, _, info = grpo.collect_rollouts(list(range(10)), 0, sample, SimpleNamespace(prompts_per_step=3,
+                                       dynamic_sampling=False, max_resample=1), d)
+    assert info["reward_drawn"] == pytest.approx(float(r.rewards.mean())) == pytest.approx(0.5)

@@ -121,6 +121,9 @@ SAMPLING_FLAGS = ("--num_samples", "--prompts_per_call", "--max_new_tokens", "--
 MODEL_SCRIPTS = ("sft.py", "grpo.py", "mine_topk.py", "evaluate.py", "bench.py", "engine.py")
 
 
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # as runs/toy.sh runs it: a second thread's sums differ in the last bit
+
+
 def test_toy_base_model_builder(toy_world, tmp_path, family):
     """Only the vision tower trains (Qwen3-VL: its DeepStack mergers too, which feed the language model), and
     the images drawn in a second process or in this one give the same model (one family is enough for that)."""
@@ -133,7 +136,7 @@ def test_toy_base_model_builder(toy_world, tmp_path, family):
         out = tmp_path / f"vision{workers}"
         done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
                                str(out), "--max_steps", "3", "--batch_size", "4", "--draw_workers", workers,
-                               "--family", family], capture_output=True, text=True, cwd=ROOT)
+                               "--family", family], capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "held-out attribute accuracy" in done.stdout
         cls = vlm.model_class(AutoConfig.from_pretrained(str(out)))
@@ -147,6 +150,22 @@ def test_toy_base_model_builder(toy_world, tmp_path, family):
     if family == "qwen3_vl":
         assert any(".deepstack_merger_list." in n for n in changed)
     assert all(torch.equal(trained["0"][n], trained[w][n]) for w in trained for n in trained["0"])
+
+    # --tower: another world seed's model (its own text weights) with this tower put in, nothing trained
+    other = tmp_path / "other_seed"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
+                           str(other), "--seed", "7", "--tower", str(out), "--family", family],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    put = dict(cls.from_pretrained(str(other)).named_parameters())
+    fresh = dict(cls.from_pretrained(str(other) + ".init").named_parameters())  # seed 7's untrained model
+    for n, p in put.items():
+        assert torch.equal(p, trained["0"][n] if ".visual." in f".{n}" else fresh[n]), n
+    assert any(not torch.equal(fresh[n], init_p) for n, init_p in init.named_parameters() if ".visual." not in f".{n}")
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "toy_base.py"), "--data", str(root), "--out",
+                            str(tmp_path / "wrong"), "--tower", str(out), "--vision_hidden", "64", "--family", family],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert wrong.returncode != 0 and "not this model's" in wrong.stderr
 
 
 def test_summary_table(tmp_path):
