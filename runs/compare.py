@@ -119,9 +119,10 @@ def objective_verdict(diffs, kind):
     if kind == "control":
         return "unmoved" if abs(m) <= CONTROL_BAND else "moved"
     v = verdict(diffs) if n > 1 else ("reproduced" if m > 0 else "opposite" if m < 0 else "within noise")
+    one = " (one seed)" if n == 1 else ""
     if kind == "keep":
-        return "falls" if v == "opposite" else "kept"
-    return {"reproduced": "improves", "opposite": "worse"}.get(v, "within noise") + (" (one seed)" if n == 1 else "")
+        return ("falls" if v == "opposite" else "kept") + one
+    return {"reproduced": "improves", "opposite": "worse"}.get(v, "within noise") + one
 
 
 def objectives(values):

@@ -121,6 +121,27 @@ SAMPLING_FLAGS = ("--num_samples", "--prompts_per_call", "--max_new_tokens", "--
 MODEL_SCRIPTS = ("sft.py", "grpo.py", "mine_topk.py", "evaluate.py", "bench.py", "engine.py")
 
 
+def test_patch_embed_as_matmul_equals_the_conv3d(tiny_dir):
+    """runs/toy_base.py trains the tower with its Conv3d patch embedding run as a matmul: same outputs and
+    gradients to float rounding, for either family (Qwen3-VL's has a bias)."""
+    import torch
+    from runs.toy_base import patch_embed_as_matmul
+    visual = vlm.load_model(tiny_dir).model.visual
+    embed = visual.patch_embed
+    x = torch.randn(12, embed.proj.weight[0].numel())
+    conv = embed(x)
+    conv.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in embed.parameters()]
+    embed.zero_grad()
+    patch_embed_as_matmul(visual)
+    fast = embed(x)
+    fast.pow(2).sum().backward()
+    torch.testing.assert_close(fast, conv, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, embed.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(conv, torch.zeros_like(conv))
+
+
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # as runs/toy.sh runs it: a second thread's sums differ in the last bit
 
 
