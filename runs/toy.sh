@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU.
 #
-#   bash runs/toy.sh                    # world seed 0 -> out/toy/seed_0; ~9 min on 2 CPU cores with the start
-#                                       # model cached, ~13 from nothing (docs/LOG.md)
+#   bash runs/toy.sh                    # world seed 0 -> out/toy/seed_0 on 2 CPU cores: 11 min from nothing,
+#                                       # 7.4 with the start model cached (docs/LOG.md)
 #   SEEDS="0 1 2" bash runs/toy.sh      # three worlds: mean ± std per cell, each paper's claim, a verdict
 #   WORLD=attributes bash runs/toy.sh   # the former main job: names that spell out the attributes, the
 #                                       # recipes starting from an SFT on the base classes
@@ -21,7 +21,7 @@
 #   vision tower is pretrained on the attribute labels (runs/toy_base.py), then sft.py on the pretraining mix
 #   about all 64 classes: attribute questions, MCQs, and DiVE-k's listed naming question (it names from a
 #   list, as an Instruct model does, but knows the epithets only in part). Built once per world, cached in
-#   OUT/seed_N/start.
+#   OUT/seed_N/start; the vision tower once for every world, in OUT/tower.
 # The recipes, each STEPS steps of PROMPTS prompts x G samples from that model, lr 3e-4 after a linear warm-up
 # over the first 20% of the steps, T 1.0,
 # full fine-tuning of the language model, each with its paper's reward, prompt, loss and KL (docs/methods.md):
@@ -39,9 +39,10 @@
 # Why these settings (the sweep in docs/LOG.md, "a budget at which the recipes learn"): at 30 steps of 8
 #   prompts no training reward rose; at 48 steps of 16 prompts x 8 samples (dynamic sampling: at most one
 #   extra draw a step) with lr 3e-4 and warm-up, the reward of Visual-RFT, DiVE-k, SpeciaRL and TAPO rose on
-#   world 0 with KL under 0.06 (lr 6e-4 moved the control's HM by 8 points and Visual-RFT's KL past 1). The
-#   same budget for every recipe; the rest is each paper's. The training reward compared is that of every
-#   completion drawn (grpo.py's reward_drawn: dynamic sampling's kept groups sit near half right).
+#   world 0, Visual-RFT's and DiVE-k's KL under 0.06 (lr 6e-4 moved the control's HM by 8 points and sent
+#   Visual-RFT's KL past 1). The same budget for every recipe; the rest is each paper's. The training reward
+#   compared is that of every completion drawn (grpo.py's reward_drawn: dynamic sampling's kept groups sit
+#   near half right). At this budget a rise sits at the edge of what 48 steps resolve: see docs/LOG.md.
 # Two cores, used as two processes of one thread each (a second thread does not speed the tiny model up):
 # the vision tower's images are drawn by a second process, the pretraining runs on two ranks (`launch`,
 # torchrun), and the recipes run in two lanes side by side, each stage one process.
