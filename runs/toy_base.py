@@ -94,7 +94,6 @@ def patch_embed_as_matmul(visual):
         return torch.nn.functional.linear(x, w.view(w.shape[0], -1), b)
 
     embed.forward = forward
-    return embed
 
 
 def main(argv=None):
