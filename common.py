@@ -215,6 +215,23 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=generator_of("epoch", seed, epoch)).tolist()
 
 
+def class_balanced_permutation(labels, seed, epoch):
+    """The order of items labelled `labels` in epoch `epoch`, each class spread evenly over it: a class of n
+    items puts its k-th (in a seeded shuffle) at a random point of the k-th n-th of the epoch. With classes
+    of equal size the epoch is rounds that each hold every class once, in a random order; a run of as many
+    items as there are classes holds each class about once. Depends on (seed, epoch) only."""
+    g = generator_of("epoch", seed, epoch)
+    members = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    jitter = torch.rand(len(labels), generator=g).tolist()
+    key = [0.0] * len(labels)
+    for idx in members.values():
+        for k, j in enumerate(torch.randperm(len(idx), generator=g).tolist()):
+            key[idx[j]] = (k + jitter[idx[j]]) / len(idx)
+    return sorted(range(len(labels)), key=key.__getitem__)
+
+
 def seed_process(seed, rank=0):
     """The process-wide generators (torch's and Python's), for what is drawn in sequence rather than per
     item: LoRA's initial weights, dropout. Per rank, so ranks do not drop out the same units."""

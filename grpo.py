@@ -36,9 +36,10 @@ import torch.nn.functional as F
 import reward as rewards_lib
 import vlm
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum, cleanup,
-                    epoch_permutation, fraction, generator_of, init_distributed, nonnegative_float, nonnegative_int,
-                    positive_float, positive_int, print0, progress, rng_of, seed_process, warn_large_images)
+from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum,
+                    class_balanced_permutation, cleanup, epoch_permutation, fraction, generator_of, init_distributed,
+                    nonnegative_float, nonnegative_int, positive_float, positive_int, print0, progress, rng_of,
+                    seed_process, warn_large_images)
 from data.prompts import question_for
 from data.records import (ImageError, check_triplets, class_names, load_classes, load_image, read_records,
                           require_fields)
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     # sampling
     a("--prompts_per_step", type=positive_int, default=8,
       help="prompt items per step over all ranks (divisible by the ranks)")
+    a("--class_balanced", action="store_true",
+      help="draw the items class by class in turn (each class spread evenly over an epoch) rather than at random")
     a("--micro_batch_size", type=positive_int, default=8,
       help="completions per training forward on one rank (a multiple of --num_samples encodes each prompt once)")
     a("--prefix_forward", default="shared", choices=["shared", "per_row"],
@@ -268,10 +271,13 @@ def truncated(ids, lengths, max_new_tokens, eos_ids):
 # the items: an endless stream of records
 
 class Items:
-    """The training items as one endless stream: epoch e is a seeded permutation of the records."""
+    """The training items as one endless stream: epoch e is a seeded permutation of the records; with
+    `class_balanced`, one in which each class is spread evenly (`class_balanced_permutation`), so that a
+    step's prompts are of as many classes as they can be and its reward varies less with which were drawn."""
 
-    def __init__(self, records, seed):
+    def __init__(self, records, seed, class_balanced=False):
         self.records, self.seed, self.epoch, self.order = records, seed, None, None
+        self.class_balanced = class_balanced
         self.by_class = defaultdict(list)
         for r in records:
             self.by_class[r["label"]].append(r)
@@ -279,7 +285,9 @@ class Items:
     def __getitem__(self, i):
         epoch, j = divmod(i, len(self.records))
         if epoch != self.epoch:
-            self.epoch, self.order = epoch, epoch_permutation(len(self.records), self.seed, epoch)
+            self.epoch, self.order = epoch, (
+                class_balanced_permutation([r["label"] for r in self.records], self.seed, epoch)
+                if self.class_balanced else epoch_permutation(len(self.records), self.seed, epoch))
         return self.records[self.order[j]]
 
 
@@ -639,7 +647,7 @@ def main(argv=None):
     warn_large_images(records, training.processor)
     cursor = training.resumed.get("cursor", 0)
     totals = training.resumed.get("totals", {"skipped_updates": 0, "bad_images": 0})
-    items = Items(records, args.seed)
+    items = Items(records, args.seed, args.class_balanced)
     mode = (lambda r: "mcq" if "options" in r else "open") if args.prompt == "auto" else (lambda r: args.prompt)
     ask = lambda record: question_for(record, mode(record), names)
 

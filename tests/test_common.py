@@ -30,6 +30,20 @@ def test_epoch_permutations():
     assert a != common.epoch_permutation(50, seed=0, epoch=1) and a != common.epoch_permutation(50, seed=1, epoch=0)
 
 
+def test_class_balanced_permutations_spread_each_class_over_the_epoch():
+    labels = [c for c in "abcd" for _ in range(6)]  # 4 classes of 6: 6 rounds that each hold every class once
+    a = common.class_balanced_permutation(labels, seed=0, epoch=0)
+    assert sorted(a) == list(range(24)) and a == common.class_balanced_permutation(labels, seed=0, epoch=0)
+    assert all(sorted(labels[i] for i in a[r:r + 4]) == list("abcd") for r in range(0, 24, 4))
+    assert a != common.class_balanced_permutation(labels, seed=0, epoch=1)
+    assert a != common.class_balanced_permutation(labels, seed=1, epoch=0)
+    assert len({tuple(labels[i] for i in a[r:r + 4]) for r in range(0, 24, 4)}) > 1  # each round in its own order
+    uneven = ["rare"] * 2 + ["common"] * 8  # a class of 2 lands once in each half of the epoch
+    for epoch in range(5):
+        order = [uneven[i] for i in common.class_balanced_permutation(uneven, seed=0, epoch=epoch)]
+        assert order[:5].count("rare") == 1 and order[5:].count("rare") == 1
+
+
 def test_resumable_shards_skip_finished_keys_and_merge_in_key_order(tmp_path):
     path = str(tmp_path / "out" / "rows.jsonl")
     two = [common.Dist(rank=r, world_size=2) for r in (0, 1)]

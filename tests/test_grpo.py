@@ -530,6 +530,17 @@ def test_non_finite_loss_skips_the_update(small_world, tmp_path, monkeypatch):
         assert torch.equal(start[k], end[k])  # no NaN reached the weights; nothing changed
 
 
+def test_the_class_balanced_stream_gives_each_step_distinct_classes():
+    records = [{"image": f"/x/{c}{i}.png", "label": c} for c in "abcdefgh" for i in range(5)]
+    plain, balanced = grpo.Items(records, seed=0), grpo.Items(records, seed=0, class_balanced=True)
+    for stream in (plain, balanced):  # both: every record once an epoch, a new order the next
+        assert sorted(stream[i]["image"] for i in range(40)) == sorted(r["image"] for r in records)
+        assert [stream[i]["image"] for i in range(40)] != [stream[i]["image"] for i in range(40, 80)]
+    steps = [{balanced[i]["label"] for i in range(s, s + 4)} for s in range(0, 80, 4)]  # steps of 4 prompts
+    assert all(len(labels) == 4 for labels in steps)  # four distinct classes in every step
+    assert any(len({plain[i]["label"] for i in range(s, s + 4)}) < 4 for s in range(0, 80, 4))
+
+
 def test_tapo_positive_is_another_image_of_the_class():
     records = [{"image": f"/x/{c}{i}.png", "label": c} for c in "ab" for i in range(3)] + \
               [{"image": "/x/only.png", "label": "c"}]
