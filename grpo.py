@@ -469,7 +469,9 @@ def collect_rollouts(items, cursor, sample, args, d):
     """This rank's groups for one step, and the new global cursor (the stream position). `sample(records,
     first_index)` is `rollout` with the rest of its arguments bound. Dynamic sampling (DAPO): groups whose
     rewards are all equal are dropped and more items drawn (all ranks draw together) until every rank has
-    its share or --max_resample extra draws were made; then dropped groups fill the gap (advantage 0).
+    its share or --max_resample extra draws were made; then dropped groups fill the gap (advantage 0). An
+    extra draw is as many items per rank as the rank shortest of groups needs at the rate kept so far (at
+    most a full share): a step that misses one group of 16 draws two more, not 16.
 
     The info's reward_drawn / accuracy_drawn: the means over every completion drawn this step, on every rank.
     The kept groups' reward (the step's reward_mean) is biased toward half right by the filter, and stays
@@ -477,10 +479,11 @@ def collect_rollouts(items, cursor, sample, args, d):
     P = args.prompts_per_step
     per_rank = P // d.world_size
     kept, dropped, n_kept, draws, drawn = [], [], 0, 0, [0.0, 0.0, 0.0]
+    n, groups_drawn = per_rank, 0  # items per rank in this draw; groups drawn so far on every rank
     while True:
-        start = cursor + d.rank * per_rank
-        r = sample([items[start + i] for i in range(per_rank)], start)
-        cursor, draws = cursor + P, draws + 1
+        start = cursor + d.rank * n
+        r = sample([items[start + i] for i in range(n)], start)
+        cursor, draws, groups_drawn = cursor + n * d.world_size, draws + 1, groups_drawn + n * d.world_size
         drawn = [drawn[0] + float(r.rewards.sum()),
                  drawn[1] + rewards_lib.summarize(r.details)["accuracy"] * len(r.rewards), drawn[2] + len(r.rewards)]
         if not args.dynamic_sampling:
@@ -489,9 +492,13 @@ def collect_rollouts(items, cursor, sample, args, d):
         kept.append(r.select([g for g, v in enumerate(varied) if v]))
         dropped.append(r.select([g for g, v in enumerate(varied) if not v]))
         n_kept += sum(varied)
-        short = all_reduce_sum([max(per_rank - n_kept, 0)], d.device)[0]  # every rank draws together
-        if short == 0 or draws > args.max_resample:
+        shortfalls = [0.0] * d.world_size
+        shortfalls[d.rank] = max(per_rank - n_kept, 0)
+        kept_so_far, *shortfalls = all_reduce_sum([n_kept] + shortfalls, d.device)  # every rank draws together
+        if max(shortfalls) == 0 or draws > args.max_resample:
             break
+        rate = max(kept_so_far / groups_drawn, 1 / per_rank)
+        n = min(per_rank, math.ceil(max(shortfalls) / rate - 1e-9))
     joined = Rollouts.cat([p for p in kept + dropped if len(p)])
     return joined.select(range(per_rank)), cursor, {"draws": draws, "filled_groups": max(per_rank - n_kept, 0),
                                                     **drawn_means(drawn, d)}

@@ -627,3 +627,15 @@ def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch)
     r, _, info = grpo.collect_rollouts(list(range(10)), 0, sample, SimpleNamespace(prompts_per_step=3,
                                        dynamic_sampling=False, max_resample=1), d)
     assert info["reward_drawn"] == pytest.approx(float(r.rewards.mean())) == pytest.approx(0.5)
+
+    # an extra draw takes what the shortfall needs at the rate kept so far: 3 of 4 kept -> 1 short at 3/4 -> 2 items
+    asked = []
+    draws = iter([[1, 0, 0, 1, 1, 1, 1, 0], [1, 0, 1, 1]])
+    def sample(records, first):
+        asked.append((list(records), first))
+        return Fake(next(draws))
+    r, cursor, info = grpo.collect_rollouts(list(range(10)), 0, sample, SimpleNamespace(
+        prompts_per_step=4, dynamic_sampling=True, max_resample=1), d)
+    assert asked == [([0, 1, 2, 3], 0), ([4, 5], 4)] and cursor == 6
+    assert info["draws"] == 2 and info["filled_groups"] == 0 and r.rewards.tolist() == [1, 0, 0, 1, 1, 0, 1, 0]
+    assert info["reward_drawn"] == pytest.approx(8 / 12)
