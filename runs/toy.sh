@@ -59,7 +59,7 @@ esac
 OUT=${OUT:-$DEFAULT_OUT}
 SEEDS=${SEEDS:-0}
 WORLD=${WORLD:-epithets}
-GRPO_STEPS=${STEPS:-48}
+GRPO_STEPS=${STEPS:-56}
 PROMPTS=${PROMPTS:-16}
 G=${G:-8}
 NPROC=${NPROC:-2}
@@ -108,10 +108,7 @@ TOWER_KEY=$( (cat runs/toy_base.py tiny.py vlm.py checkpoint.py data/toy.py data
   python -c 'import json, sys; t = json.load(open(sys.argv[1])); t["config"].pop("seed"); print(json.dumps(t))' \
     "$D/classes.json"; echo "$ARCH") | sha1sum | cut -c 1-16)
 TOWER=$OUT/tower/$TOWER_KEY
-# The pretraining mix: 1,600 steps of 8 (1.25 passes). At 800 the model knew 0.2 of the 2 bits the epithets
-# carry, and RL had to teach them from the reward; at 1,600 it knows 0.4, and uses that knowledge badly
-# (docs/LOG.md, "a start model that knows"), the papers' premise.
-PRETRAIN="--batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 1600"
+PRETRAIN="--batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 800"  # the pretraining mix (in the key)
 KEY=$( (cat "$D/classes.json" "$D"/*.jsonl runs/toy_base.py tiny.py sft.py vlm.py engine.py lora.py common.py \
   checkpoint.py data/records.py; echo "nproc $NPROC $ARCH tower $TOWER_KEY $PRETRAIN") | sha1sum | cut -c 1-16)
 if [ "$(cat "$W/start/world.sha1" 2>/dev/null)" != "$KEY" ]; then
@@ -143,8 +140,7 @@ SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99"
 
-lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
-  timed eval_start "evaluate start" evaluate "$W/start/final" start
+lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
     --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 \
     --max_new_tokens 32 --class_list $MINE_LISTED --prompts_per_call 16 --seed "$S" --device cpu
@@ -165,7 +161,9 @@ lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
   timed eval_speciarl "evaluate SpeciaRL" evaluate "$W/speciarl/final" speciarl
 }
 
-lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
+lane2() {  # the start's evaluation, Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes
+  # take about as long)
+  timed eval_start "evaluate start" evaluate "$W/start/final" start
   # Fine-R1's stage 1. The paper: one rationale per seen class, 10 epochs (a 7B already writes structured
   # text); the 1M-parameter model learns the format from every training image's rationale, 3 epochs.
   timed cot "Fine-R1: CoT SFT" python sft.py --model "$W/start/final" --data "$D/sft_cot.jsonl" --out "$W/cot" \
