@@ -3,8 +3,8 @@
 Classes are every combination of a shape, a colour and a pattern, named compositionally
 ("striped red triangle"), in a three-level hierarchy: shape ⊃ colour+shape ⊃ pattern+colour+shape, so
 "triangle" is generic and "red triangle" less specific. With `names="epithets"` the pattern word of a
-name is an invented epithet whose meaning differs from one colour+shape to the next ("kavi red
-circle"; `make_world`), so that naming takes knowledge as well as sight (the world of runs/toy.sh).
+name is an invented epithet whose meaning differs from one colour to the next ("kavi red circle";
+`make_world`), so that naming takes knowledge as well as sight (the world of runs/toy.sh).
 Look-alike classes differ in one attribute.
 Images are small (56 px by default) with random position, scale, rotation, colour jitter, background
 tint and pixel noise, so no two images of a class are the same.
@@ -77,8 +77,8 @@ def make_world(n_shapes=4, n_colours=4, n_patterns=4, names="attributes"):
 
     names="attributes": "striped red triangle", the name spells out all three attributes.
     names="epithets": "kavi red triangle", the pattern is replaced by an invented epithet (`EPITHETS`)
-    whose meaning depends on the colour and shape: "kavi" is striped among red circles and checked
-    among green circles (a seeded permutation per colour+shape). As with "Laysan" or "Black-footed"
+    whose meaning depends on the colour: "kavi" is striped among red shapes and checked among green ones
+    (a seeded permutation per colour, 16 facts to know). As with "Laysan" or "Black-footed"
     Albatross, the name says the genus (red triangle) but not what the species looks like: a model must
     know which epithet goes with which look, and that knowledge is what learning to tell look-alikes
     apart can add (runs/toy.sh). Aliases swap the first two words; parents are the same."""
@@ -96,7 +96,7 @@ def make_world(n_shapes=4, n_colours=4, n_patterns=4, names="attributes"):
         shape, colour, pattern = SHAPES[s], colours[c], PATTERNS[p]
         if names == "epithets":
             words = EPITHETS[:n_patterns]
-            random.Random(f"epithets:{shape}:{colour}").shuffle(words)
+            random.Random(f"epithets:{colour}").shuffle(words)
             pattern_word = words[p]
         else:
             pattern_word = pattern

@@ -38,7 +38,7 @@ def test_classes_hierarchy_and_names():
     assert striped_red_triangle["parents"] == ["triangle", "red triangle"]
 
 
-def test_epithet_names_hide_the_pattern_behind_a_word_that_depends_on_colour_and_shape():
+def test_epithet_names_hide_the_pattern_behind_a_word_that_depends_on_the_colour():
     plain, named = toy.make_world(), toy.make_world(names="epithets")
     assert len({c["name"] for c in named}) == 64
     for p, c in zip(plain, named):  # same classes, split and hierarchy; only the pattern word differs
@@ -51,6 +51,10 @@ def test_epithet_names_hide_the_pattern_behind_a_word_that_depends_on_colour_and
     for c in named:
         by_parent.setdefault(c["parents"][1], []).append(c["name"].split()[0])
     assert all(len(set(words)) == 4 for words in by_parent.values())  # a permutation within each colour+shape
+    meaning = {}  # (epithet, colour) -> pattern: one meaning whatever the shape
+    for c in named:
+        a = c["attributes"]
+        assert meaning.setdefault((c["name"].split()[0], a["colour"]), a["pattern"]) == a["pattern"]
     meanings = {}
     for c in named:
         meanings.setdefault(c["name"].split()[0], set()).add(c["attributes"]["pattern"])
