@@ -12,16 +12,19 @@
 #
 # The world (python -m data.prepare toy --names epithets --pretrain_naming): 64 classes, shape x colour x
 #   pattern, 32 base (trained on) / 32 novel (never seen in training). A name says the shape and colour and
-#   an invented epithet for the pattern whose meaning depends on the colour and shape ("kavi red circle" is
-#   striped, "kavi green circle" checked), so naming takes knowledge as well as sight, as "Laysan" or
+#   an invented epithet for the pattern whose meaning depends on the colour ("kavi red circle" is striped,
+#   "kavi green circle" checked), so naming takes knowledge as well as sight, as "Laysan" or
 #   "Black-footed" does for albatrosses. On the former world ("striped red triangle") the name spells out
 #   what is seen: SFT took everything the features carry and GRPO had nothing left to learn (docs/LOG.md).
 # The start model stands in for Qwen2.5-VL-Instruct (FAMILY=qwen3: Qwen3-VL-Instruct, its 56-px images resized
 #   to 64 px, so that its visual tokens of 32x32 px are as many, 4 an image): a tiny model of the family whose
 #   vision tower is pretrained on the attribute labels (runs/toy_base.py), then sft.py on the pretraining mix
 #   about all 64 classes: attribute questions, MCQs, and DiVE-k's listed naming question (it names from a
-#   list, as an Instruct model does, but knows the epithets only in part). Built once per world, cached in
-#   OUT/seed_N/start; the vision tower once for every world, in OUT/tower.
+#   list, as an Instruct model does). It comes out knowing the epithets, and using that knowledge badly:
+#   its samples at T 1 are often wrong where its greedy answer is right, on the open-world question it
+#   names the colour and shape and stops there, and its shape errors are the tower's. That is the papers'
+#   premise (a model that has the knowledge and does not use it well), and what RL can change in minutes.
+#   Built once per world, cached in OUT/seed_N/start; the vision tower once for every world, in OUT/tower.
 # The recipes, each STEPS steps of PROMPTS prompts x G samples from that model, lr 3e-4 after a linear warm-up
 # over the first 20% of the steps, T 1.0,
 # full fine-tuning of the language model, each with its paper's reward, prompt, loss and KL (docs/methods.md):
@@ -36,12 +39,15 @@
 # Evaluation, every model alike (evaluate.py, greedy): base / novel / HM on the open question listing the
 #   split's classes (DiVE-k's protocol), DiVE-k's two-step (8 samples -> top-5 -> MCQ), the held-out MCQ
 #   (8 options: the corners of an attribute cube), SpeciaRL's open-world correct / specific / spec HM.
-# Why these settings (the sweep in docs/LOG.md, "a budget at which the recipes learn"): 30 steps of 8
-#   prompts showed no training reward rising; 48 steps of 16 prompts x 8 samples (dynamic sampling: at most
-#   one extra draw a step) with lr 3e-4 and warm-up is where most recipes' rewards rose within the time,
-#   and a higher rate destabilised Visual-RFT and the control. The same budget for every recipe; the rest is
-#   each paper's. The training reward compared is that of every completion drawn (grpo.py's reward_drawn:
-#   dynamic sampling's kept groups sit near half right). A rise here is at the edge of what 48 steps resolve.
+# Why these settings (docs/LOG.md, "a budget at which the recipes learn" and "a start model that knows"):
+#   48 steps of 16 prompts x 8 samples with lr 3e-4 and warm-up (a higher rate destabilised Visual-RFT and
+#   the control), the same for every recipe; the rest is each paper's. When the epithets' meaning depended
+#   on colour and shape (64 facts), the start knew 0.2 of their 2 bits and RL had to teach them from the
+#   reward: a rise at 48 steps sat at two standard errors. With 16 facts the start knows them, and every
+#   recipe's reward rose by 4-7 standard errors. Each step's prompts are of distinct classes
+#   (--class_balanced): which classes a step drew was most of its reward's spread. The training reward
+#   compared is that of every completion drawn (grpo.py's reward_drawn: dynamic sampling's kept groups sit
+#   near half right).
 # Two cores, used as two processes of one thread each (a second thread does not speed the tiny model up):
 # the vision tower's images are drawn by a second process, the pretraining runs on two ranks (`launch`,
 # torchrun), and the recipes run in two lanes side by side, each stage one process.
@@ -140,7 +146,7 @@ SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99"
 
-lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
+lane1() {  # the start, DiVE-k, its control, Visual-RFT
   timed eval_start "evaluate start" evaluate "$W/start/final" start
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
     --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 \
@@ -156,13 +162,9 @@ lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
     --data "$D/train.jsonl" --out "$W/exact" --prompt open_list --reward exact+format --loss grpo --beta 0.04 \
     $BUDGET $RUN $SHORT
   timed eval_exact "evaluate Visual-RFT" evaluate "$W/exact/final" exact
-  timed speciarl "SpeciaRL: GRPO on open-world prompts" python grpo.py --model "$W/start/final" \
-    --data "$D/train.jsonl" --out "$W/speciarl" --prompt open_world --reward speciarl --loss dapo --beta 0.01 \
-    $BUDGET $RUN $SHORT
-  timed eval_speciarl "evaluate SpeciaRL" evaluate "$W/speciarl/final" speciarl
 }
 
-lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
+lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model, SpeciaRL (the lanes take about as long)
   # Fine-R1's stage 1. The paper: one rationale per seen class, 10 epochs (a 7B already writes structured
   # text); the 1M-parameter model learns the format from one pass over every training image's rationale.
   timed cot "Fine-R1: CoT SFT" python sft.py --model "$W/start/final" --data "$D/sft_cot.jsonl" --out "$W/cot" \
@@ -174,6 +176,10 @@ lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the la
   timed dapo "DAPO from the same CoT SFT model (no triplets)" python grpo.py --model "$W/cot/final" \
     --data "$D/train.jsonl" --out "$W/dapo" --prompt open $DAPO $BUDGET $RUN $COT
   timed eval_dapo "evaluate CoT SFT+DAPO" evaluate "$W/dapo/final" dapo
+  timed speciarl "SpeciaRL: GRPO on open-world prompts" python grpo.py --model "$W/start/final" \
+    --data "$D/train.jsonl" --out "$W/speciarl" --prompt open_world --reward speciarl --loss dapo --beta 0.01 \
+    $BUDGET $RUN $SHORT
+  timed eval_speciarl "evaluate SpeciaRL" evaluate "$W/speciarl/final" speciarl
 }
 
 lane2 & L2=$!
