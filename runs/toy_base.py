@@ -42,7 +42,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a toy world prepared by `python -m data.prepare toy`")
     ap.add_argument("--out", required=True, help="output model folder (Hugging Face layout)")
-    ap.add_argument("--max_steps", type=int, default=1600, help="optimizer steps of the vision pretraining")
+    ap.add_argument("--max_steps", type=int, default=2400, help="optimizer steps of the vision pretraining")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
