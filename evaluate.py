@@ -15,7 +15,8 @@ Modes (`--mode`, several allowed in one run so the model is loaded once):
               insertion), ask the MCQ greedily; the chosen option is the prediction, judged by is_correct.
               An image with a single valid candidate takes it as the prediction without an MCQ
               (`fallback: "single"`); one with none has no prediction and counts as wrong ("none"), as
-              does an MCQ answer that names no single option.
+              does an MCQ answer that names no single option. Also `sampled`: the share of the N samples
+              that name the label (the accuracy of sampling at --temperature and --top_p: what GRPO rewards).
 
 Decoding is greedy, batched through engine.sample_completions. Base/novel membership comes from the class
 table's `base` flag of each record's label. Per dataset (record `dataset` field): acc, and when the
@@ -34,11 +35,13 @@ left out of every rate.
 
 Outputs in --out, per mode: predictions_<mode>.jsonl, one row per record in --data order: key (index in
 its file), file, mode, model, image, label, dataset, base, completion, answer (parsed), prediction,
-correct, inclusion, format, [category], [options, choice, target], [candidates, fallback], or `skipped`.
+correct, inclusion, format, [category], [options, choice, target], [candidates, fallback, sampled], or
+`skipped`.
 metrics_<mode>.json:
     {"mode": "open", "per_dataset": {"cub": {"n", "skipped", "acc", "inclusion", "format",
         "base_n", "novel_n", "base_acc", "novel_acc", "hm", "base_inclusion", "novel_inclusion",
-        "hm_inclusion", [open_world: "correctness", "specificity", "spec_hm", "unjudged", "cat_<c>"]}},
+        "hm_inclusion", [open_world: "correctness", "specificity", "spec_hm", "unjudged", "cat_<c>"],
+        [two_step: "sampled"]}},
      "mean": {same keys, + "datasets"}}
 with every rate a fraction in [0, 1] (the table prints percentages).
 
@@ -126,6 +129,8 @@ def compute_metrics(predictions, table=None):
                 b, n = _rate(r[key] for r in base), _rate(r[key] for r in novel)
                 m[f"base_{short}"], m[f"novel_{short}"] = b, n
                 m["hm" if short == "acc" else "hm_inclusion"] = harmonic_mean(b, n)
+        if any("sampled" in r for r in done):  # two_step: the share of its samples that name the label
+            m["sampled"] = sum(r["sampled"] for r in done) / len(done) if done else None
         if any("category" in r for r in done):  # open_world
             cats = [r.get("category") for r in done]
             ow = open_world_metrics(cats)
@@ -241,7 +246,8 @@ def predict_batch(mode, records, idx, ctx):
             options, _ = build_mcq(c, None, k=args.k, rng=mcq_rng(args.seed, i), skip_trivial=False,
                                    insert_gt=False, n_random=0)
             row.update(candidates=dict(c.most_common()), fallback=None, completion=None, answer=None, format=None,
-                       options=options, choice=None)
+                       options=options, choice=None,
+                       sampled=sum(v for name, v in c.items() if is_correct(name, rec)) / args.num_samples)
             if options is not None:
                 asks.append((row, rec, image, options))
             else:  # fewer than 2 valid candidates: nothing to choose between

@@ -42,9 +42,11 @@ RUNS = [  # (folder, row name), in the table's order; runs/toy.sh trains and eva
     ("tapo", "Fine-R1"),
     ("dapo", "CoT SFT+DAPO"),
 ]
-COLUMNS = [  # (evaluate.py mode, metric, header)
+# (evaluate.py mode, metric, header). sampled: the share of the two-step's samples (T 1, top-p 0.95) that name the
+# label, the held-out counterpart of GRPO's training accuracy
+COLUMNS = [
     ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"),
-    ("two_step", "acc", "two-step"), ("mcq", "acc", "MCQ"),
+    ("two_step", "acc", "two-step"), ("two_step", "sampled", "sampled"), ("mcq", "acc", "MCQ"),
     ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
     ("open_world", "spec_hm", "spec HM"),
 ]

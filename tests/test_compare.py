@@ -31,7 +31,7 @@ def fake_world(root, seed, hm_shift=0.0):
         ow = {"correctness": 0.4 + (0.1 if run == "speciarl" else 0), "specificity": 0.8 - (0.1 if run == "speciarl" else 0)}
         ow["spec_hm"] = 2 * ow["correctness"] * ow["specificity"] / (ow["correctness"] + ow["specificity"])
         write_eval(os.path.join(folder, "eval", run), open_={"base_acc": base, "novel_acc": novel, "hm": hm, "acc": 0.1},
-                   mcq=0.25 + seed / 100, two_step=0.4, open_world=ow)
+                   mcq=0.25 + seed / 100, two_step={"acc": 0.4, "sampled": 0.3}, open_world=ow)
         if run != "start":
             os.makedirs(os.path.join(folder, run), exist_ok=True)
             with open(os.path.join(folder, run, "log.jsonl"), "w") as f:
@@ -84,7 +84,7 @@ def test_compare_table_claims_and_plots(tmp_path, capsys):
     compare.main(folders + ["--out", str(tmp_path)])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "MCQ", "correct", "specific", "spec", "HM"]
+    assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "sampled", "MCQ", "correct", "specific", "spec", "HM"]
     rows = {line.split("  ")[0].strip(): line for line in lines[2:8]}
     assert list(rows) == ["start", "Visual-RFT", "DiVE-k", "SpeciaRL", "Fine-R1", "CoT SFT+DAPO"]  # table order
     assert "26.0 ± 1.0" in rows["start"]  # MCQ 25, 26, 27 over the seeds

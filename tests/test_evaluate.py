@@ -151,6 +151,11 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
                 else:
                     assert len(row["candidates"]) == {"single": 1, "none": 0}[row["fallback"]]
                 assert row["correct"] == (row["prediction"] == rec["label"])
+                assert row["sampled"] == row["candidates"].get(rec["label"], 0) / 8  # of --num_samples 8
+        if mode == "two_step":
+            done = [r for r in rows if "skipped" not in r]
+            assert toy["sampled"] == pytest.approx(sum(r["sampled"] for r in done) / len(done))
+            assert any(r["sampled"] > 0 for r in done)  # some samples name the label: the count is exercised
     assert any(r["fallback"] is None for r in map(json.loads, open(os.path.join(out, "predictions_two_step.jsonl")))
                if "skipped" not in r)
     printed = capsys.readouterr().out
