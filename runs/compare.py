@@ -232,6 +232,7 @@ def main(argv=None):
     if args.no_plots:
         return
     out = args.out or os.path.dirname(os.path.abspath(args.folders[0]))
+    os.makedirs(out, exist_ok=True)
     logs = [(os.path.join(f, run, "log.jsonl"), names[run]) for run in values for f in args.folders
             if os.path.exists(os.path.join(f, run, "log.jsonl"))]
     seeds = f"{len(args.folders)} seed{'s' if len(args.folders) > 1 else ''}"

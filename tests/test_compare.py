@@ -81,7 +81,7 @@ def test_verdict_arithmetic():
 
 def test_compare_table_claims_and_plots(tmp_path, capsys):
     folders = [fake_world(str(tmp_path), s, hm_shift=0.05 + 0.01 * s) for s in range(3)]
-    compare.main(folders + ["--out", str(tmp_path)])
+    compare.main(folders + ["--out", str(tmp_path / "plots")])  # a folder not there yet
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "sampled", "MCQ", "correct", "specific", "spec", "HM"]
@@ -99,7 +99,7 @@ def test_compare_table_claims_and_plots(tmp_path, capsys):
     assert "opposite" in out and "reproduced" in out
     if evaluate._pyplot() is not None:  # matplotlib is an optional extra: the tables never need it
         for png in ("curves.png", "accuracy.png"):
-            assert os.path.getsize(tmp_path / png) > 10_000
+            assert os.path.getsize(tmp_path / "plots" / png) > 10_000
 
 
 def test_one_seed_prints_differences_without_verdicts(tmp_path, capsys):
