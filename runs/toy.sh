@@ -146,8 +146,7 @@ SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99"
 
-lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
-  timed eval_start "evaluate start" evaluate "$W/start/final" start
+lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
     --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 \
     --max_new_tokens 32 --class_list $MINE_LISTED --prompts_per_call 16 --seed "$S" --device cpu
@@ -168,7 +167,8 @@ lane1() {  # the start, DiVE-k, its control, Visual-RFT, SpeciaRL
   timed eval_speciarl "evaluate SpeciaRL" evaluate "$W/speciarl/final" speciarl
 }
 
-lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
+lane2() {  # the start, Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
+  timed eval_start "evaluate start" evaluate "$W/start/final" start
   # Fine-R1's stage 1. The paper: one rationale per seen class, 10 epochs (a 7B already writes structured
   # text); the 1M-parameter model is given one pass over every training image's rationale. That is fragile:
   # after one pass an 800-step start's CoT model skipped the answer tags (world 1); three passes left TAPO no
