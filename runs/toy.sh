@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU.
 #
-#   bash runs/toy.sh                    # world seed 0 -> out/toy/seed_0 on 2 CPU cores: 11.9 min from
-#                                       # nothing, 8.7 with the start model cached (docs/LOG.md)
+#   bash runs/toy.sh                    # world seed 0 -> out/toy/seed_0 on 2 CPU cores: 11.3 min from
+#                                       # nothing, 7.2 with the start model cached (docs/LOG.md)
 #   SEEDS="0 1 2" bash runs/toy.sh      # three worlds: mean ± std per cell, each paper's claim, a verdict
 #   WORLD=attributes bash runs/toy.sh   # the former main job: names that spell out the attributes, the
 #                                       # recipes starting from an SFT on the base classes
