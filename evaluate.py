@@ -129,8 +129,9 @@ def compute_metrics(predictions, table=None):
                 b, n = _rate(r[key] for r in base), _rate(r[key] for r in novel)
                 m[f"base_{short}"], m[f"novel_{short}"] = b, n
                 m["hm" if short == "acc" else "hm_inclusion"] = harmonic_mean(b, n)
-        if any("sampled" in r for r in done):  # two_step: the share of its samples that name the label
-            m["sampled"] = sum(r["sampled"] for r in done) / len(done) if done else None
+        sampled = [r["sampled"] for r in done if "sampled" in r]  # two_step (rows resumed from older shards lack it)
+        if sampled:
+            m["sampled"] = sum(sampled) / len(sampled)
         if any("category" in r for r in done):  # open_world
             cats = [r.get("category") for r in done]
             ow = open_world_metrics(cats)

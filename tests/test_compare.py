@@ -84,7 +84,8 @@ def test_compare_table_claims_and_plots(tmp_path, capsys):
     compare.main(folders + ["--out", str(tmp_path / "plots")])  # a folder not there yet
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "sampled", "MCQ", "correct", "specific", "spec", "HM"]
+    assert lines[0].split() == ["model", "base", "novel", "HM", "two-step", "sampled", "MCQ", "correct", "specific",
+                                "spec", "HM"]
     rows = {line.split("  ")[0].strip(): line for line in lines[2:8]}
     assert list(rows) == ["start", "Visual-RFT", "DiVE-k", "SpeciaRL", "Fine-R1", "CoT SFT+DAPO"]  # table order
     assert "26.0 ± 1.0" in rows["start"]  # MCQ 25, 26, 27 over the seeds

@@ -156,6 +156,9 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
             done = [r for r in rows if "skipped" not in r]
             assert toy["sampled"] == pytest.approx(sum(r["sampled"] for r in done) / len(done))
             assert any(r["sampled"] > 0 for r in done)  # some samples name the label: the count is exercised
+            older = [r for r in rows if "skipped" not in r][:2]  # rows of a shard written before `sampled`
+            mixed = older[:1] + [{k: v for k, v in older[1].items() if k != "sampled"}]
+            assert E.compute_metrics(mixed, table)["mean"]["sampled"] == older[0]["sampled"]
     assert any(r["fallback"] is None for r in map(json.loads, open(os.path.join(out, "predictions_two_step.jsonl")))
                if "skipped" not in r)
     printed = capsys.readouterr().out
