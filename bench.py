@@ -15,14 +15,14 @@
 
     python bench.py                                   # tiny model on CPU, GRPO shape 8 prompts x 8 x 64
     python bench.py --threads 1                       # the same on one CPU thread
-    python bench.py --threads 1 --question listed --max_new_tokens 20 --micro_batch_size 8   # the toy's Visual-RFT update
-    python bench.py --shape 7b --text_layers 2 --vision_depth 2 --image_size 448 --question_tokens 100 \
+    python bench.py --threads 1 --prompt listed --max_new_tokens 20 --micro_batch_size 8   # the toy's Visual-RFT update
+    python bench.py --shape 7b --text_layers 2 --vision_depth 2 --max_pixels 200704 --prompt_tokens 100 \
         --prompts_per_call 1 --num_samples 8 --max_new_tokens 128 --micro_batch_size 8 --update_only --repeats 1 \
         --dtype bf16                                  # 7B widths, two layers per tower: the update on a CPU
-    python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448
+    python bench.py --shape 7b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --max_pixels 200704
     python bench.py --shape qwen3-8b --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 \
-        --image_size 512                              # the same 256 visual tokens an image as 448 px for Qwen2.5-VL
-    python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
+        --max_pixels 262144                              # the same 256 visual tokens an image as 448 px for Qwen2.5-VL
+    python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --max_pixels 200704 \
         --lora_r 64 --gradient_checkpointing --micro_batch_size 8      # does GRPO with LoRA on 7B fit one GPU?
 The real shapes (Qwen2.5-VL 3b / 7b, Qwen3-VL qwen3-2b / -4b / -8b) are built from their configs with
 random weights (the timing does not depend on the weights' values), so nothing is downloaded. A 512 px
@@ -30,6 +30,7 @@ image gives Qwen3-VL the 256 visual tokens a 448 px image gives Qwen2.5-VL (32²
 """
 
 import argparse
+import math
 import resource
 import time
 
@@ -37,8 +38,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import trainer
 import vlm
-from common import add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype, seed_process
+from common import (add_image_args, add_runtime_args, add_sampling_args, generator_of, nonnegative_int, renamed,
+                    resolve_device, resolve_dtype, seed_process)
 from engine import sample_completions
 from tiny import REAL_SHAPES, build_tiny_model, real_shape_config
 
@@ -63,13 +66,16 @@ def add_model_args(ap):
     a("--model", default=None, help="a checkpoint folder instead of --shape")
     a("--text_layers", type=int, default=None, help="decoder layers of a real shape (default: the real depth)")
     a("--vision_depth", type=int, default=None, help="vision blocks of a real shape (default: the real depth)")
-    a("--image_size", type=int, default=56, help="square image side in pixels")
-    a("--question", default="short", choices=["short", "listed"],
+    add_image_args(ap)  # each image a random square of --max_pixels (default 56²; 448² = 200704: 256 tokens)
+    a("--prompt", default="short", choices=["short", "listed"],
       help="listed: the toy world's open question listing its 32 base classes (runs/toy.sh's Visual-RFT and "
            "mining prompt), with a tiny tokenizer trained on the world's names")
-    a("--question_tokens", type=int, default=0,
+    a("--prompt_tokens", type=nonnegative_int, default=0,
       help="lengthen the question to about this many tokens with a list of the toy world's class names (e.g. "
            "100: a question with a class list, as Visual-RFT-style prompts have)")
+    renamed(ap, "--image_size", "--max_pixels, an area: --image_size 448 is --max_pixels 200704")
+    renamed(ap, "--question", "--prompt")
+    renamed(ap, "--question_tokens", "--prompt_tokens")
 
 
 def model_and_prompts(args, device, dtype):
@@ -81,7 +87,7 @@ def model_and_prompts(args, device, dtype):
     question = "What is the name of the object in this image? Think, then answer."
     names = [c["name"] for c in toy.make_world(names="epithets")]
     corpus = None
-    if args.question == "listed":
+    if args.prompt == "listed":
         question = prompts.open_question("toy", names[:len(names) // 2])  # the base classes
         corpus = names + [question]
     family = REAL_SHAPES[args.shape]["family"] if args.shape != "tiny" else args.family  # the prompts' processor
@@ -91,13 +97,14 @@ def model_and_prompts(args, device, dtype):
         model = real_shape(args.shape, tiny_dir, dtype, device, args.text_layers, args.vision_depth)
     else:
         model = vlm.load_model(tiny_dir, device, dtype)
-    proc = vlm.Processor.from_pretrained(tiny_dir, max_pixels=args.image_size ** 2)
+    side = math.isqrt(args.max_pixels) if args.max_pixels else 56
+    proc = vlm.Processor.from_pretrained(tiny_dir, args.min_pixels, side * side)
     listed = []
-    while args.question_tokens and len(proc.tokenizer(question)["input_ids"]) < args.question_tokens and names:
+    while args.prompt_tokens and len(proc.tokenizer(question)["input_ids"]) < args.prompt_tokens and names:
         listed.append(names.pop(0))
         question = prompts.open_question("toy", listed)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
               for _ in range(args.prompts_per_call)]
     batch = proc.encode(images, [question] * args.prompts_per_call)
     return model, proc, batch.to(device)
@@ -268,7 +275,7 @@ def main(argv=None):
     # update: scorer forward + backward over the rollout's completions, each group's prompt encoded once
     # (shared prefix, what grpo.py runs) against once per completion (per row, the reference)
     if args.lora_r:  # as grpo.py: fp32 adapters, frozen base weights, autocast
-        vlm.configure_trainable(model, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+        trainer.configure_trainable(model, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                 gradient_checkpointing=args.gradient_checkpointing)
     else:
         for p in model.parameters():
@@ -280,8 +287,8 @@ def main(argv=None):
     micro = [list(range(s, min(s + mb, P * G))) for s in range(0, P * G, mb)]
 
     def scored(idx, shared):
-        with vlm.autocast(device, dtype == torch.bfloat16):
-            return vlm.sequence_logprobs(model, batch, roll.completion_ids[idx], roll.completion_mask[idx],
+        with trainer.autocast(device, dtype == torch.bfloat16):
+            return trainer.sequence_logprobs(model, batch, roll.completion_ids[idx], roll.completion_mask[idx],
                                          prompt_rows=[i // G for i in idx], shared_prefix=shared)
 
     def update(shared):
@@ -321,7 +328,7 @@ def main(argv=None):
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {where}; "
-          f"{P} prompts x {G} samples x {N} new tokens, {args.image_size}px images, prompt {batch.input_ids.shape[1]} tokens")
+          f"{P} prompts x {G} samples x {N} new tokens, {math.isqrt(args.max_pixels or 56 ** 2)}px images, prompt {batch.input_ids.shape[1]} tokens")
     rows = [r + ("",) * (5 - len(r)) for r in rows]
     width = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:

@@ -273,7 +273,7 @@ def prune_checkpoints(out_dir, keep):
 # what sft.py and grpo.py call
 
 def save_training_checkpoint(path, training, d, *, step, extra=None, fsdp=False):
-    """A resumable checkpoint of a `vlm.Training`: HF weights (LoRA merged + adapter), optimizer,
+    """A resumable checkpoint of a `trainer.Training`: HF weights (LoRA merged + adapter), optimizer,
     schedule, RNG, `extra` (data position, counters, the run's arguments). Collective under FSDP (every
     rank calls it: the full state dicts are gathered); rank 0 writes, atomically."""
     state_dict, osd = None, None

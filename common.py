@@ -5,10 +5,13 @@ The same code runs under `torchrun` (one process per GPU, or gloo processes on a
 """
 
 import argparse
+import importlib.util
 import json
+import numbers
 import os
 import random
 import sys
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,14 @@ def add_runtime_args(ap):
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 on GPUs, fp32 on CPUs. Training keeps fp32 master weights either way")
     ap.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
+
+
+def renamed(ap, old, new):
+    """Refuse a former spelling of a flag by name, saying what replaced it (hidden from --help)."""
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{old} is now {new}")
+    ap.add_argument(old, action=Refuse, nargs="?", help=argparse.SUPPRESS)
 
 
 def add_sampling_args(ap, *, num_samples, prompts_per_call, max_new_tokens, top_p=1.0):
@@ -69,6 +80,7 @@ nonnegative_int = _bounded(int, lambda v: v >= 0, "0 or more")
 positive_float = _bounded(float, lambda v: v > 0, "more than 0")
 nonnegative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)")
+unit_interval = _bounded(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 probability = _bounded(float, lambda v: 0 < v <= 1, "in (0, 1]")
 option_count = _bounded(int, lambda v: 2 <= v <= len(LETTERS), f"2 to {len(LETTERS)} (options are lettered A-Z)")
 
@@ -285,14 +297,94 @@ def drop_cut_line(path):
             f.truncate(f.read().rfind(b"\n") + 1)
 
 
+# --report_to: each backend is also the package it needs, an optional extra
+TRACKERS = ("wandb", "tensorboard")
+
+
+def add_report_args(ap):
+    """--report_to. A backend whose package is missing is refused here, before any work, not at the end of
+    the first step."""
+    def backend(name):
+        if name in TRACKERS and importlib.util.find_spec(name) is None:  # looked up, not imported: fast
+            raise argparse.ArgumentTypeError(f"needs the {name} package (optional): pip install {name}")
+        return name  # an unknown name is refused by `choices`
+    ap.add_argument("--report_to", default="none", choices=("none",) + TRACKERS, type=backend,
+                    help="also log the rows of log.jsonl (evaluate.py: the metrics) live to Weights & Biases "
+                         "or TensorBoard (OUT/tensorboard), with the run's flags as its config. Optional "
+                         "extras: pip install wandb / pip install tensorboard")
+
+
+class Tracker:
+    """The numbers of a run's rows, live in W&B or TensorBoard as --report_to says ("none": nothing); rank 0
+    makes one. W&B writes under `folder`/wandb (WANDB_PROJECT, default fgrl; WANDB_MODE=offline needs no
+    network and `wandb sync` uploads later), TensorBoard to `folder`/tensorboard.
+
+    `first_step` is the step this run logs first. As JsonlLog drops the rows of later steps, TensorBoard hides
+    what earlier runs in the folder logged from that step on; a run that starts after step 1 resumes a
+    training run and continues the folder's W&B run (its id is kept in `folder`/wandb_run_id)."""
+
+    def __init__(self, report_to, folder, config=None, name=None, first_step=0):
+        self.run = self.writer = None
+        if report_to == "wandb":
+            import wandb
+            id_file = os.path.join(folder, "wandb_run_id")
+            if first_step > 1 and os.path.exists(id_file):
+                with open(id_file, encoding="utf-8") as f:
+                    run_id = f.read()
+            else:
+                run_id = uuid.uuid4().hex[:8]
+                atomic_write(id_file, run_id)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fgrl"), dir=folder, config=config,
+                                  name=name or os.path.basename(os.path.normpath(folder)), id=run_id,
+                                  resume="allow")
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=first_step)
+            self.writer.add_text("config", json.dumps(config))
+
+    def log(self, row):
+        """The numbers of `row` (bools as 0/1; nested dicts as "open/mean/hm" keys) at its "step" (none, as in
+        evaluate.py's metrics: step 0). Strings and None stay in the JSON files only."""
+        step = row.get("step", 0)
+        values = {k: int(v) if isinstance(v, bool) else v for k, v in _flat(row).items()
+                  if isinstance(v, numbers.Real) and k != "step"}
+        if self.run:
+            self.run.log(values, step=step)
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()  # on disk now: a crash later loses no row
+
+    def close(self):
+        """Everything logged is on disk when this returns."""
+        if self.run:
+            import wandb
+            self.run.finish()
+            wandb.teardown()  # finish() may return before wandb's service process has written the last rows
+        if self.writer:
+            self.writer.close()
+
+
+def _flat(d, prefix=""):
+    """{"open": {"mean": {"hm": x}}} -> {"open/mean/hm": x}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 class JsonlLog:
-    """Training metrics, one JSON line per step (rank 0 only), on disk as soon as they are written.
+    """Training metrics, one JSON line per step (rank 0 only), on disk as soon as they are written, and live
+    in W&B or TensorBoard with `report_to` (Tracker; `config`: the run's flags). `close()` at the end.
 
     A run that starts at `start_step` (0, or the step it resumed from) first drops the rows of later steps
     a previous run left (logged after its last checkpoint, or a whole earlier run in the same folder): the
     steps it is about to run are logged once."""
 
-    def __init__(self, path, d, start_step=0):
+    def __init__(self, path, d, start_step=0, report_to="none", config=None, name=None):
         self.path = path if d.is_main else None
         if self.path and os.path.exists(path):
             drop_cut_line(path)
@@ -300,10 +392,17 @@ class JsonlLog:
             kept = [row for row in rows if row.get("step", 0) <= start_step]
             if len(kept) < len(rows):
                 write_jsonl(path, kept)
+        self.tracker = Tracker(report_to if d.is_main else "none", os.path.dirname(os.path.abspath(path)),
+                               config, name, first_step=start_step + 1)
 
     def write(self, row):
         if self.path:
             append_jsonl(self.path, [row])
+            self.tracker.log(row)
+
+    def close(self):
+        """Finish the W&B run, close the TensorBoard writer (log.jsonl needs nothing)."""
+        self.tracker.close()
 
 
 class ResumableShards:

@@ -10,7 +10,7 @@ The default decode step (`decode_step_buffer`) runs the layers' own modules over
 buffer written in place; `decode_step_model` runs the model's own forward over a transformers cache and
 is the reference it is tested against. Both are checked against `model.generate` token for token:
 
-    python engine.py --model out/toy/base/final          # greedy: ours vs model.generate, and their times
+    python engine.py --model out/toy/seed_0/start/final  # greedy: ours vs model.generate, and their times
 """
 
 import argparse
@@ -32,11 +32,11 @@ class Completions:
 
 
 def unwrap(model):
-    """The Hugging Face model inside the training wrappers (DDP, vlm.Policy)."""
+    """The Hugging Face model inside the training wrappers (DDP, trainer.Policy)."""
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "vlm"):  # vlm.Policy (not imported: vlm imports this module)
+        elif hasattr(model, "vlm"):  # trainer.Policy (not imported: this module is a leaf)
             model = model.vlm
         else:
             return model
@@ -225,10 +225,10 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     Rows that emit an EOS stop; when the live rows fall to `compact_at` of the rows being decoded,
     finished rows are dropped from the cache so they stop costing compute. Returned log-probs are those
     of the *untruncated* softmax(logits / T): top-k/top-p and `banned_token_ids` (vlm.Processor's vision
-    tokens) only decide what is sampled, so the log-probs equal `vlm.sequence_logprobs` of the same tokens
+    tokens) only decide what is sampled, so the log-probs equal `trainer.sequence_logprobs` of the same tokens
     and the GRPO ratio is exactly 1 at the first update. `cache_kind`: "buffer" (a KVBuffer and
     `decode_step_buffer`), or the model's own forward over transformers' "static" or "dynamic" cache.
-    Under FSDP2 call it inside `vlm.generation_mode`, where every shard is gathered once for the loop.
+    Under FSDP2 call it inside `trainer.generation_mode`, where every shard is gathered once for the loop.
     """
     G, P = group_size, len(batch)
     device = batch.input_ids.device
@@ -291,6 +291,22 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
             logits = decode_step_model(model, tok, mask, positions, cache)
         positions = positions + 1
     return Completions(tokens_out[:, :steps], mask_out[:, :steps], logp_out[:, :steps])
+
+
+def text_generator(model, processor, max_new_tokens=16, batch_size=32):
+    """A `generate_fn(list[str]) -> list[str]`: greedy text-only answers (the LLM verifier of reward.py);
+    `processor` is a vlm.Processor."""
+    device = next(model.parameters()).device
+
+    def generate(prompts):
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            batch = processor.encode(None, prompts[s:s + batch_size]).to(device)
+            done = sample_completions(model, batch, max_new_tokens=max_new_tokens, greedy=True,
+                                      **processor.sampling_tokens)
+            out += processor.decode(done.completion_ids, done.completion_mask)
+        return out
+    return generate
 
 
 def generate_reference(model, batch, max_new_tokens, pad_token_id):

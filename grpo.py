@@ -31,63 +31,68 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import reward as rewards_lib
+import trainer
 import vlm
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, add_sampling_args, all_reduce_sum,
-                    class_balanced_permutation, cleanup, epoch_permutation, fraction, generator_of, init_distributed,
-                    nonnegative_float, nonnegative_int, positive_float, positive_int, print0, progress, rng_of,
-                    seed_process, warn_large_images)
+from common import (JsonlLog, add_image_args, add_report_args, add_runtime_args, add_sampling_args,
+                    all_reduce_sum, cleanup, init_distributed, nonnegative_float, nonnegative_int,
+                    positive_float, positive_int, print0, progress, seed_process, unit_interval,
+                    warn_large_images)
 from data.prompts import question_for
-from data.records import (ImageError, check_triplets, class_names, load_classes, load_image, read_records,
-                          require_fields)
-from engine import sample_completions
+from data.records import check_triplets, listed_classes, load_classes, read_records, require_fields
+from engine import text_generator
 from lora import lora_disabled
-
+from rollouts import Items, Rollouts, StepSampler, collect_rollouts, score_rollouts
+from trainer import used_columns
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", required=True, help="HF id or folder of the starting policy")
-    a("--data", nargs="+", required=True, help="JSONL: open-ended records, MCQ records (mine_topk.py) or triplets")
-    a("--classes", default=None, help="classes.json: labels checked against it; class list for prompts, verifier")
+    a("--data", nargs="+", required=True,
+      help="JSONL: open-ended records, MCQ records (mine_topk.py) or triplets")
+    a("--classes", default=None, help="classes.json: labels checked against it; class lists, verifier")
     a("--out", required=True, help="output folder: step_*/, final/, log.jsonl")
-    a("--prompt", default="auto", choices=["auto", "open", "open_list", "mcq", "open_world", "record"],
+    a("--prompt", default="auto", choices=["auto", "open", "mcq", "open_world", "record"] + ["open_list"],
       help="question asked (data/prompts.py); auto = mcq for records with options, else open")
+    a("--class_list", default="none", choices=["none", "base", "novel", "all"],
+      help="class names the open question lists (of the record's dataset; Visual-RFT: base)")
     a("--reward", default="mcq+format", help=rewards_lib.REWARD_HELP)
-    a("--verifier_model", default=None, help="LLM verifier for specificity rewards (default: taxonomy verifier)")
-    a("--verifier_cache", default=None, help="SQLite cache of LLM verdicts (default OUT/verifier_cache.sqlite)")
+    a("--verifier_model", default=None, help="LLM verifier for specificity rewards (default: the taxonomy's)")
+    a("--verifier_cache", default=None, help="SQLite cache of LLM verdicts (default: in --out)")
     # the GRPO family
     a("--loss", default="grpo", choices=LOSSES,
-      help="surrogate and aggregation (docs/methods.md §4): grpo | bnpo | dr_grpo | dapo (PPO's clipped token ratio), "
-           "gspo | gspo_token (GSPO's sequence ratio), cispo (REINFORCE weighted by the clipped token ratio)")
+      help="surrogate and aggregation (docs/methods.md §4): grpo | bnpo | dr_grpo | dapo (PPO's clipped "
+           "token ratio), gspo | gspo_token (GSPO's sequence ratio), cispo (REINFORCE weighted by the "
+           "clipped ratio)")
     a("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage normalisation")
     a("--beta", type=nonnegative_float, default=0.04, help="KL coefficient (against the starting policy)")
     a("--kl_estimator", default="k3", choices=["k1", "k2", "k3"],
-      help="the KL term's per-token estimator (Schulman): k1 = logp - ref, k2 = (logp - ref)²/2, k3 (unbiased, >= 0)")
-    a("--epsilon_low", type=fraction, default=None,
-      help="lower clip of the ratio: 1 - ε_low (default: the loss's paper: 0.2; gspo 3e-4; cispo: no lower clip)")
+      help="the KL term's per-token estimator (Schulman): k1 = logp - ref, k2 = (logp - ref)²/2, k3 (>= 0)")
+    a("--epsilon_low", type=unit_interval, default=None,
+      help="lower clip of the ratio: 1 - ε_low (default: the loss's paper: 0.2; gspo 3e-4; cispo 1: none)")
     a("--epsilon_high", type=nonnegative_float, default=None,
       help="upper clip: 1 + ε_high (default: the loss's paper: 0.2; gspo 4e-4; cispo 4, a weight cap of 5; "
            "DAPO's clip-higher: 0.28)")
-    a("--entropy_coef", type=nonnegative_float, default=0.0, help="entropy bonus: -c·H_t added to each token's loss")
+    a("--entropy_coef", type=nonnegative_float, default=0.0, help="entropy bonus: -c·H_t per token")
     a("--mask_truncated", action="store_true",
       help="DAPO's overlong filtering: completions that reach --max_new_tokens without an EOS get no loss")
     a("--rollout_correction", default="none", choices=["none", "tis", "mis"],
-      help="weigh each token's policy loss by ρ = π_train/π_sampler (stop-gradient), the sampler/trainer gap's "
-           "importance weight: tis = min(ρ, cap) (truncated), mis = ρ, or 0 over the cap (masked)")
+      help="weigh each token's policy loss by ρ = π_train/π_sampler (stop-gradient), the sampler/trainer "
+           "gap's importance weight: tis = min(ρ, cap) (truncated), mis = ρ, or 0 over the cap (masked)")
     a("--rollout_correction_cap", type=positive_float, default=2.0, help="the cap C of --rollout_correction")
     a("--rollout_correction_level", default="token", choices=["token", "sequence"],
       help="ρ per token, or per sequence (the product of its tokens' ratios)")
-    a("--num_iterations", type=positive_int, default=1,
-      help="updates per rollout (old log-probs stored when > 1)")
+    a("--num_iterations", type=positive_int, default=1, help="updates per rollout (> 1 keeps old log-probs)")
     a("--mini_batches", type=positive_int, default=1,
       help="optimizer steps per iteration, each on a slice of the groups")
-    a("--dynamic_sampling", action="store_true", help="DAPO: drop groups whose rewards are all equal, resample")
-    a("--max_resample", type=nonnegative_int, default=4, help="extra draws per step for dynamic sampling before giving up")
-    a("--overlong_cache", type=nonnegative_int, default=0, help="DAPO overlong shaping over the last N tokens (0: off)")
+    a("--dynamic_sampling", action="store_true", help="DAPO: drop groups of equal rewards and draw more")
+    a("--max_resample", type=nonnegative_int, default=4,
+      help="extra draws per step for dynamic sampling before giving up")
+    a("--overlong_cache", type=nonnegative_int, default=0,
+      help="DAPO overlong shaping over the last N tokens (0: off)")
     # TAPO
     a("--tapo", action="store_true", help="Fine-R1's triplet-augmented policy optimisation")
     a("--tapo_anchor_only", action="store_true", help="score positive-image rollouts under the anchor image")
@@ -98,20 +103,24 @@ def parse_args(argv=None):
     a("--prompts_per_step", type=positive_int, default=8,
       help="prompt items per step over all ranks (divisible by the ranks)")
     a("--class_balanced", action="store_true",
-      help="draw the items class by class in turn (each class spread evenly over an epoch) rather than at random")
+      help="draw the items class by class in turn (each class spread evenly over an epoch), not at random")
     a("--micro_batch_size", type=positive_int, default=8,
-      help="completions per training forward on one rank (a multiple of --num_samples encodes each prompt once)")
+      help="completions per training forward on one rank (a multiple of --num_samples encodes each prompt "
+           "once)")
     a("--prefix_forward", default="shared", choices=["shared", "per_row"],
-      help="the update's forward: each group's image and prompt encoded once for its completions (shared), or "
-           "once per completion (per_row: the slow reference, same log-probs and gradients)")
+      help="the update's forward: each group's image and prompt encoded once for its completions (shared), "
+           "or once per completion (per_row: the slow reference, same log-probs and gradients)")
     a("--top_k", type=nonnegative_int, default=0, help="sample from the k likeliest tokens (0: all)")
     # optimisation (a step: one rollout, then --num_iterations x --mini_batches updates)
-    vlm.add_training_args(ap, lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    trainer.add_training_args(ap, lr=1e-6, schedule="constant", warmup_ratio=0.0)
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
     add_sampling_args(ap, num_samples=4, prompts_per_call=8, max_new_tokens=256)
     add_image_args(ap)
     add_runtime_args(ap)
+    add_report_args(ap)
     args = ap.parse_args(argv)
+    if args.prompt == "open_list":
+        ap.error("--prompt open_list is now --prompt open --class_list base")
     low, high = CLIP_DEFAULTS.get(args.loss, (0.2, 0.2))  # a clip not given is its loss's paper's
     args.epsilon_low = low if args.epsilon_low is None else args.epsilon_low
     args.epsilon_high = high if args.epsilon_high is None else args.epsilon_high
@@ -152,8 +161,9 @@ def k3(ref_logp, logp):
 
 LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo"]
 # (ε_low, ε_high) when the flags are not given, from each loss's paper: GRPO's 0.2 for the PPO-style token
-# losses; GSPO's 3e-4 / 4e-4 (a length-normalised sequence ratio moves far less than a token's); CISPO no lower
-# clip (1 - 1 = 0, below any ratio) and a weight cap of 1 + 4 = 5 (MiniMax-M1 publishes none; ScaleRL's ε_max)
+# losses; GSPO's 3e-4 / 4e-4 (a length-normalised sequence ratio moves far less than a token's); CISPO no
+# lower clip (1 - 1 = 0, below any ratio) and a weight cap of 1 + 4 = 5 (MiniMax-M1 publishes none; ScaleRL's
+# ε_max)
 CLIP_DEFAULTS = {"gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
 # the aggregation of each later loss's paper: GSPO averages per-sequence losses (grpo's row mean: its
 # per-token loss is constant along a row), CISPO takes the token mean of the step (dapo's)
@@ -171,8 +181,8 @@ def kl_penalty(ref_logp, logp, estimator="k3"):
 
 def policy_ratio(logp, old_logp, mask, loss):
     """The importance ratio the surrogate clips. Per token r_t = exp(logp_t - old_t); GSPO's per sequence
-    s_i = exp(mean_t m_t (logp_t - old_t)), (N, 1); GSPO-token's sg(s_i)·exp(logp_t - sg(logp_t)): the value of
-    s_i on every token, the gradient s_i·∇logp_t of each token alone."""
+    s_i = exp(mean_t m_t (logp_t - old_t)), (N, 1); GSPO-token's sg(s_i)·exp(logp_t - sg(logp_t)): the value
+    of s_i on every token, the gradient s_i·∇logp_t of each token alone."""
     if loss not in ("gspo", "gspo_token"):
         return torch.exp(logp - old_logp)
     s = torch.exp(((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1))
@@ -195,8 +205,8 @@ def policy_loss(logp, old_logp, adv, eps_low, eps_high, loss="grpo", mask=None):
 
 def per_token_loss(logp, old_logp, adv, eps_low, eps_high, beta=0.0, ref_logp=None, *, loss="grpo", mask=None,
                    weight=None, kl="k3", entropy=None, entropy_coef=0.0):
-    """ℓ_t = w_t·policy_t + β·KL_t - c·H_t: the surrogate of `loss` (policy_loss; default PPO's on the token ratio
-    r = exp(logp - old_logp)), weighted by the rollout correction's stop-gradient w (None: 1), the KL
+    """ℓ_t = w_t·policy_t + β·KL_t - c·H_t: the surrogate of `loss` (policy_loss; default PPO's on the token
+    ratio r = exp(logp - old_logp)), weighted by the rollout correction's stop-gradient w (None: 1), the KL
     estimator `kl` against ref_logp, the entropy bonus. Also the clip masks."""
     loss_t, low, high = policy_loss(logp, old_logp, adv, eps_low, eps_high, loss, mask)
     if weight is not None:
@@ -234,15 +244,15 @@ def aggregate(token_loss, mask, loss_type, *, ga, l_max, n_tokens, world):
     raise ValueError(loss_type)
 
 
-# The sampler (engine.py: KV-cached decode steps) and the trainer (vlm.sequence_logprobs: one forward) compute
-# the same log-probs with other kernels: equal in fp32 to rounding, not in bf16. `train_logp` is the first
-# pass's (the old log-probs, else the first update's own); a sampler log-prob of NaN is unknown (a row scored
-# under another prompt than it was sampled from: TAPO anchor-only).
+# The sampler (engine.py: KV-cached decode steps) and the trainer (trainer.sequence_logprobs: one forward)
+# compute the same log-probs with other kernels: equal in fp32 to rounding, not in bf16. `train_logp` is the
+# first pass's (the old log-probs, else the first update's own); a sampler log-prob of NaN is unknown (a row
+# scored under another prompt than it was sampled from: TAPO anchor-only).
 
 def sampler_gap(train_logp, sampler_logp, mask):
     """Sums over the tokens of `mask` whose sampler log-prob is known: |logp_train - logp_sampler|, k3 of
-    KL(π_sampler ‖ π_train) (the tokens were drawn from the sampler), the tokens whose ratio π_train/π_sampler is
-    outside [0.8, 1.25] (|log ρ| > log 1.25), and their count."""
+    KL(π_sampler ‖ π_train) (the tokens were drawn from the sampler), the tokens whose ratio π_train/π_sampler
+    is outside [0.8, 1.25] (|log ρ| > log 1.25), and their count."""
     known = (mask > 0) & torch.isfinite(sampler_logp)
     d = torch.where(known, train_logp.detach() - sampler_logp, 0.0).double()  # k3 ≈ d²/2: fp32 loses it
     return {"gap_abs": float(d.abs().sum()), "gap_kl": float((torch.expm1(d) - d).sum()),
@@ -250,9 +260,9 @@ def sampler_gap(train_logp, sampler_logp, mask):
 
 
 def rollout_weights(train_logp, sampler_logp, mask, kind, cap, level="token"):
-    """The rollout correction's weight on each token's policy loss, without gradient: ρ = π_train/π_sampler per
-    token, or per sequence exp(Σ_t m_t log ρ_t); tis: min(ρ, cap); mis: ρ up to the cap, 0 above. A token whose
-    sampler log-prob is unknown counts as ρ = 1."""
+    """The rollout correction's weight on each token's policy loss, without gradient: ρ = π_train/π_sampler
+    per token, or per sequence exp(Σ_t m_t log ρ_t); tis: min(ρ, cap); mis: ρ up to the cap, 0 above. A token
+    whose sampler log-prob is unknown counts as ρ = 1."""
     log_rho = torch.where(torch.isfinite(sampler_logp), train_logp.detach() - sampler_logp, 0.0) * mask
     if level == "sequence":
         log_rho = log_rho.sum(1, keepdim=True)
@@ -268,338 +278,117 @@ def truncated(ids, lengths, max_new_tokens, eos_ids):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the items: an endless stream of records
-
-class Items:
-    """The training items as one endless stream: epoch e is a seeded permutation of the records; with
-    `class_balanced`, one in which each class is spread evenly (`class_balanced_permutation`), so that a
-    step's prompts are of as many classes as they can be and its reward varies less with which were drawn."""
-
-    def __init__(self, records, seed, class_balanced=False):
-        self.records, self.seed, self.epoch, self.order = records, seed, None, None
-        self.class_balanced = class_balanced
-        self.by_class = defaultdict(list)
-        for r in records:
-            self.by_class[r["label"]].append(r)
-
-    def __getitem__(self, i):
-        epoch, j = divmod(i, len(self.records))
-        if epoch != self.epoch:
-            self.epoch, self.order = epoch, (
-                class_balanced_permutation([r["label"] for r in self.records], self.seed, epoch)
-                if self.class_balanced else epoch_permutation(len(self.records), self.seed, epoch))
-        return self.records[self.order[j]]
-
-
-def tapo_images(record, items, confusions, rng):
-    """TAPO. (positive, negative) image paths: the record's own fields (triplets.jsonl), else another image
-    of the class (the anchor itself only when the class has no other) and an image of its most-confused
-    class (mine_topk's table), else of a random other class."""
-    others = [r["image"] for r in items.by_class[record["label"]] if r["image"] != record["image"]]
-    positive = record.get("positive") or (rng.choice(others) if others else record["image"])
-    negative = record.get("negative")
-    if not negative:
-        confused = [c for c, _ in confusions.get(record["label"], []) if c in items.by_class and c != record["label"]]
-        other = confused[0] if confused else rng.choice(sorted(c for c in items.by_class if c != record["label"]))
-        negative = rng.choice(items.by_class[other])["image"]
-    return positive, negative
-
-
-def load_item(record, index, items, args, confusions):
-    """(record, prompt images, negative image or None, unreadable images met) for stream item `index`.
-    The prompt images are [anchor], or with TAPO [anchor, positive] (resized to the anchor's size) and a
-    negative. An item with an unreadable image is counted and replaced by another drawn from the stream,
-    so every rank keeps the same number of rows."""
-    rng = rng_of("item", args.seed, index)  # per item: the same on any number of ranks
-    bad = 0
-    while True:
-        try:
-            anchor = load_image(record["image"])
-            if not args.tapo:
-                return record, [anchor], None, bad
-            pos, neg = tapo_images(record, items, confusions, rng)
-            pos, neg = load_image(pos), load_image(neg)
-            fit = lambda image: image if image.size == anchor.size else image.resize(anchor.size)
-            return record, [anchor, fit(pos)], fit(neg), bad
-        except ImageError as e:
-            print(f"warning: {record.get('_src', '')}: {e}", flush=True)
-            bad += 1
-            record = items[rng.randrange(10 ** 9)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# one step's rollouts
-
-@dataclass
-class Rollouts:
-    """One step's samples on one rank. Completions come in groups of `group_size` consecutive rows, one
-    group per prompt item; row i was sampled from (and is scored under) prompt row `prompt_rows[i]`."""
-    prompts: vlm.PromptBatch     # the prompt rows (TAPO: each item's anchor and positive)
-    prompt_rows: list            # (N,) the prompt row of each completion
-    ids: torch.Tensor            # (N, L) completion tokens, right-padded
-    mask: torch.Tensor           # (N, L) 1 up to and including the EOS
-    rewards: torch.Tensor        # (N,)
-    lengths: torch.Tensor        # (N,) completion tokens
-    details: list                # (N,) reward.py's per-completion details (answer, correct, format, ...)
-    group_size: int
-    neg_logp: torch.Tensor | None = None  # TAPO: (N, L) log-probs of each completion under the negative image
-    bad_images: int = 0
-    # (N, L) each token's log-prob under the sampler (engine.py), against which the trainer's are compared;
-    # NaN on a row scored under another prompt than it was sampled from (TAPO anchor-only)
-    sampler_logp: torch.Tensor | None = None
-
-    def __len__(self):
-        return len(self.prompt_rows)
-
-    @property
-    def n_groups(self):
-        return len(self) // self.group_size
-
-    def rows_of(self, groups):
-        return [g * self.group_size + j for g in groups for j in range(self.group_size)]
-
-    def varied_groups(self):
-        """For each group: do its rewards differ? (A group of equal rewards has advantage 0: no signal.)"""
-        r = self.rewards.view(-1, self.group_size)
-        return (r.max(1).values - r.min(1).values > 1e-6).tolist()
-
-    def select(self, groups):
-        """The given groups (indices), in that order; the prompt rows are kept as they are."""
-        rows = self.rows_of(groups)
-        pick = lambda t: None if t is None else t[rows]
-        return Rollouts(self.prompts, [self.prompt_rows[i] for i in rows], self.ids[rows], self.mask[rows],
-                        self.rewards[rows], self.lengths[rows], [self.details[i] for i in rows], self.group_size,
-                        pick(self.neg_logp), self.bad_images, pick(self.sampler_logp))
-
-    @staticmethod
-    def cat(parts):
-        """One Rollouts of all parts' groups, in order (dynamic sampling's draws)."""
-        if len(parts) == 1:
-            return parts[0]
-        L = max(p.ids.shape[1] for p in parts)
-        pad = lambda t: F.pad(t, (0, L - t.shape[1]))
-        offsets = [0]
-        for p in parts[:-1]:
-            offsets.append(offsets[-1] + len(p.prompts))
-        negs, sampled = [p.neg_logp for p in parts], [p.sampler_logp for p in parts]
-        return Rollouts(vlm.PromptBatch.cat([p.prompts for p in parts]),
-                        [o + r for o, p in zip(offsets, parts) for r in p.prompt_rows],
-                        torch.cat([pad(p.ids) for p in parts]), torch.cat([pad(p.mask) for p in parts]),
-                        torch.cat([p.rewards for p in parts]), torch.cat([p.lengths for p in parts]),
-                        [x for p in parts for x in p.details], parts[0].group_size,
-                        None if negs[0] is None else torch.cat([pad(n) for n in negs]),
-                        sum(p.bad_images for p in parts),
-                        None if sampled[0] is None else torch.cat([pad(x) for x in sampled]))
-
-
-def used_columns(mask):
-    """Number of leading columns holding some completion token (the rest is right padding)."""
-    return int(mask.sum(0).nonzero().max()) + 1 if mask.sum() > 0 else 1
-
-
-@torch.no_grad()
-def score(policy, prompts, prompt_rows, ids, mask, args, bf16):
-    """Log-probs of completions (no gradient, eval mode: no dropout), in micro-batches; completion i is
-    scored under prompt row `prompt_rows[i]` of `prompts`."""
-    out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    was_training = policy.training
-    policy.eval()
-    for s in range(0, len(prompt_rows), args.micro_batch_size):
-        idx = list(range(s, min(s + args.micro_batch_size, len(prompt_rows))))
-        keep = used_columns(mask[idx])
-        with vlm.autocast(ids.device, bf16):
-            out[idx, :keep] = policy(prompts, ids[idx, :keep], mask[idx, :keep], [prompt_rows[i] for i in idx],
-                                     temperature=args.temperature, shared_prefix=args.prefix_forward == "shared")
-    policy.train(was_training)
-    return out
-
-
-def rollout(records, first_index, items, training, ask, reward_fn, args, device, confusions):
-    """Sample G completions for each of `records` (stream items first_index, first_index + 1, ...) and
-    score their rewards. TAPO: G/2 on the anchor and G/2 on the positive image, one group of G."""
-    G = args.num_samples
-    loaded = [load_item(r, first_index + k, items, args, confusions) for k, r in enumerate(records)]
-    records = [rec for rec, *_ in loaded]
-    images = [im for _, ims, _, _ in loaded for im in ims]
-    per_item = len(images) // len(records)           # prompt rows per item: 1, or 2 with TAPO
-    per_row = G // per_item                          # samples per prompt row
-    questions = [ask(rec) for rec in records for _ in range(per_item)]
-    prompts = training.processor.encode(images, questions).to(device)
-    parts = []
-    with vlm.generation_mode(training.policy), vlm.autocast(device, training.bf16):
-        step = args.prompts_per_call * per_item
-        for s in range(0, len(images), step):
-            # seeded by the call's first item in the stream: with --prompts_per_call 1 an item's samples do
-            # not depend on how items are spread over ranks
-            gen = generator_of("rollout", args.seed, first_index + s // per_item, device=device)
-            parts.append(sample_completions(training.policy, prompts.select(list(range(s, min(s + step, len(images))))),
-                                            group_size=per_row, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                            generator=gen, **training.processor.sampling_tokens))
-    L = max(p.completion_ids.shape[1] for p in parts)
-    pad = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)
-    ids = torch.cat([pad(p.completion_ids, training.processor.pad_token_id) for p in parts])
-    mask = torch.cat([pad(p.completion_mask, 0) for p in parts])
-    sampler_logp = torch.cat([pad(p.logprobs, 0.0) for p in parts])
-    prompt_rows = [i // per_row for i in range(len(ids))]
-    if args.tapo and args.tapo_anchor_only:  # score the positive's samples under the anchor (the paper's text)
-        prompt_rows = [per_item * (i // G) for i in range(len(ids))]
-        sampler_logp[[i for i in range(len(ids)) if prompt_rows[i] != i // per_row]] = float("nan")
-    texts = training.processor.decode(ids, mask)
-    rewards, details = reward_fn(texts, [rec for rec in records for _ in range(G)],
-                                 [k for k in range(len(records)) for _ in range(G)])
-    lengths = mask.sum(1).cpu()
-    rewards = torch.tensor(rewards, dtype=torch.float32) + overlong_penalty(lengths, args.max_new_tokens,
-                                                                           args.overlong_cache)
-    r = Rollouts(prompts, prompt_rows, ids, mask, rewards, lengths, details, G,
-                 bad_images=sum(b for *_, b in loaded), sampler_logp=sampler_logp)
-    if args.tapo:
-        r.neg_logp = negative_logprobs(r, [neg for _, _, neg, _ in loaded], questions[::per_item], training, args)
-    return r
-
-
-def negative_logprobs(r, negatives, questions, training, args):
-    """TAPO. Each completion's log-probs under its item's negative (look-alike) image, without gradient."""
-    neg_prompts = training.processor.encode(negatives, questions).to(r.ids.device)
-    return score(training.policy, neg_prompts, [i // r.group_size for i in range(len(r))], r.ids, r.mask,
-                 args, training.bf16)
-
-
-def collect_rollouts(items, cursor, sample, args, d):
-    """This rank's groups for one step, and the new global cursor (the stream position). `sample(records,
-    first_index)` is `rollout` with the rest of its arguments bound. Dynamic sampling (DAPO): groups whose
-    rewards are all equal are dropped and more items drawn (all ranks draw together) until every rank has
-    its share or --max_resample extra draws were made; then dropped groups fill the gap (advantage 0). An
-    extra draw is as many items per rank as the rank shortest of groups needs at the rate kept so far (at
-    most a full share): a step that misses one group of 16 draws two more, not 16.
-
-    The info's reward_drawn / accuracy_drawn: the means over every completion drawn this step, on every rank.
-    The kept groups' reward (the step's reward_mean) is biased toward half right by the filter, and stays
-    there however much the policy learns; the drawn reward is what the policy scores on fresh prompts."""
-    P = args.prompts_per_step
-    per_rank = P // d.world_size
-    kept, dropped, n_kept, draws, drawn = [], [], 0, 0, [0.0, 0.0, 0.0]
-    n, groups_drawn = per_rank, 0  # items per rank in this draw; groups drawn so far on every rank
-    while True:
-        start = cursor + d.rank * n
-        r = sample([items[start + i] for i in range(n)], start)
-        cursor, draws, groups_drawn = cursor + n * d.world_size, draws + 1, groups_drawn + n * d.world_size
-        drawn = [drawn[0] + float(r.rewards.sum()),
-                 drawn[1] + rewards_lib.summarize(r.details)["accuracy"] * len(r.rewards), drawn[2] + len(r.rewards)]
-        if not args.dynamic_sampling:
-            return r, cursor, {"draws": 1, "filled_groups": 0, **drawn_means(drawn, d)}
-        varied = r.varied_groups()
-        kept.append(r.select([g for g, v in enumerate(varied) if v]))
-        dropped.append(r.select([g for g, v in enumerate(varied) if not v]))
-        n_kept += sum(varied)
-        shortfalls = [0.0] * d.world_size
-        shortfalls[d.rank] = max(per_rank - n_kept, 0)
-        kept_so_far, *shortfalls = all_reduce_sum([n_kept] + shortfalls, d.device)  # every rank draws together
-        if max(shortfalls) == 0 or draws > args.max_resample:
-            break
-        rate = max(kept_so_far / groups_drawn, 1 / per_rank)
-        n = min(per_rank, math.ceil(max(shortfalls) / rate - 1e-9))
-    joined = Rollouts.cat([p for p in kept + dropped if len(p)])
-    return joined.select(range(per_rank)), cursor, {"draws": draws, "filled_groups": max(per_rank - n_kept, 0),
-                                                    **drawn_means(drawn, d)}
-
-
-def drawn_means(sums, d):
-    """[reward sum, accuracy sum, completions] of this rank's draws -> the means over every rank."""
-    reward, accuracy, n = all_reduce_sum(sums, d.device)
-    return {"reward_drawn": reward / max(n, 1), "accuracy_drawn": accuracy / max(n, 1)}
-
-
-# ----------------------------------------------------------------------------------------------------
 # the update
 
-def reference_logprobs(r, training, args):
-    """Log-probs under the KL term's reference policy, the starting weights: with LoRA the policy itself
-    with its adapters switched off (no second copy of the model), else the frozen copy."""
-    if training.reference is None:
-        with lora_disabled(training.policy.vlm):
-            return score(training.policy, r.prompts, r.prompt_rows, r.ids, r.mask, args, training.bf16)
-    return score(training.reference, r.prompts, r.prompt_rows, r.ids, r.mask, args, training.bf16)
+@dataclass
+class StepTargets:
+    """What every micro-batch of a step's update reads besides the policy's own log-probs."""
+    r: Rollouts
+    adv: torch.Tensor              # (N,) each completion's advantage
+    old: torch.Tensor | None       # (N, L) the log-probs they were sampled with (for later updates of them)
+    ref: torch.Tensor | None       # (N, L) the KL reference's log-probs (β > 0)
+    loss_mask: torch.Tensor        # (N, L) the tokens that have a loss (--mask_truncated: cut ones do not)
 
 
-def update(r, adv, training, args, d, stats):
-    """--num_iterations passes of --mini_batches optimizer steps over the rollouts `r`."""
-    # later updates of the same rollouts need the log-probs they were sampled with
-    off_policy = args.num_iterations > 1 or args.mini_batches > 1
-    old = score(training.policy, r.prompts, r.prompt_rows, r.ids, r.mask, args, training.bf16) if off_policy else None
-    ref = reference_logprobs(r, training, args) if args.beta else None
-    loss_mask = r.mask  # DAPO's overlong filtering: a completion the length limit cut has no loss, no token counted
-    if args.mask_truncated:
+def step_targets(r, adv, training, args):
+    """The old and reference log-probs and the loss mask of the rollouts `r`, once per step."""
+    off_policy = args.num_iterations > 1 or args.mini_batches > 1  # later updates need the sampled log-probs
+    old = score_rollouts(training.policy, r, args, training.bf16) if off_policy else None
+    ref = None
+    if args.beta:  # the starting weights: LoRA's adapters switched off (no second copy), else the frozen copy
+        with lora_disabled(training.policy.vlm) if training.reference is None else contextlib.nullcontext():
+            reference = training.policy if training.reference is None else training.reference
+            ref = score_rollouts(reference, r, args, training.bf16)
+    loss_mask = r.mask
+    if args.mask_truncated:  # DAPO's overlong filtering: a completion the length limit cut has no loss at all
         cut = truncated(r.ids, r.lengths, args.max_new_tokens, training.processor.eos_token_ids)
         loss_mask = r.mask * ~cut[:, None]
-    groups = list(range(r.n_groups))
+    return StepTargets(r, adv, old, ref, loss_mask)
+
+
+def micro_batch_loss(t, idx, training, args, *, ga, n_tokens, world, first_pass):
+    """The loss of completions `idx` (its gradient is their share of the step's) and its statistics' sums."""
+    r = t.r
+    keep = used_columns(r.mask[idx])  # trim the right padding these rows do not use
+    ids, mask, lmask = r.ids[idx, :keep], r.mask[idx, :keep], t.loss_mask[idx, :keep]
+    logp, entropy = training.trainable(r.prompts, ids, mask, [r.prompt_rows[j] for j in idx],
+                                       temperature=args.temperature, return_entropy=True,
+                                       entropy_grad=args.entropy_coef > 0,
+                                       shared_prefix=args.prefix_forward == "shared")
+    # on-policy (one update per rollout) the old log-probs are the current ones, detached: the ratio is
+    # exactly 1 and its gradient is ∇logp, i.e. REINFORCE with a group baseline
+    old = t.old[idx, :keep] if t.old is not None else logp.detach()
+    sampled = r.sampler_logp[idx, :keep] if r.sampler_logp is not None else torch.full_like(mask, math.nan)
+    stats = sampler_gap(old, sampled, mask) if first_pass else {}  # every row once, as the correction sees it
+    weight = None if args.rollout_correction == "none" else rollout_weights(
+        old, sampled, mask, args.rollout_correction, args.rollout_correction_cap,
+        args.rollout_correction_level)
+    ref = t.ref[idx, :keep] if t.ref is not None else None
+    tok, low, high = per_token_loss(logp, old, t.adv[idx].to(logp.device), args.epsilon_low,
+                                    args.epsilon_high, args.beta, ref, loss=args.loss, mask=mask,
+                                    weight=weight, kl=args.kl_estimator, entropy=entropy,
+                                    entropy_coef=args.entropy_coef)
+    if args.tapo:
+        extra, kl_neg = tapo_terms(logp, r.neg_logp[idx, :keep], args.gamma, args.eta)
+        tok = tok + extra
+        stats["tapo_kl"] = float((kl_neg.detach() * lmask).sum())
+    loss = aggregate(tok, lmask, args.loss, ga=ga, l_max=args.max_new_tokens, n_tokens=n_tokens, world=world)
+    stats.update(loss=float(loss.detach()), tokens=float(lmask.sum()),
+                 entropy=float((entropy.detach() * lmask).sum()),
+                 clip_low=float((low * lmask).sum()), clip_high=float((high * lmask).sum()))
+    if ref is not None:
+        stats["kl"] = float((k3(ref, logp.detach()) * lmask).sum())
+    return loss, stats
+
+
+def update(t, training, args, d):
+    """--num_iterations passes of --mini_batches optimizer steps over a step's rollouts. Returns this rank's
+    sums of the micro-batches' statistics, and the optimizer's: the last gradient norm, updates made, and
+    updates skipped for a non-finite gradient."""
+    sums, groups = defaultdict(float), list(range(t.r.n_groups))
+    optimizer = {"grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     for it in range(args.num_iterations):
         for m in range(args.mini_batches):
-            rows = r.rows_of(groups[m::args.mini_batches])
+            rows = t.r.rows_of(groups[m::args.mini_batches])
             micro = [rows[s:s + args.micro_batch_size] for s in range(0, len(rows), args.micro_batch_size)]
-            n_tokens = max(all_reduce_sum([float(loss_mask[rows].sum())], d.device)[0], 1.0)  # dapo's normaliser
+            n_tokens = max(all_reduce_sum([float(t.loss_mask[rows].sum())], d.device)[0], 1.0)  # dapo's
             for i, idx in enumerate(micro):
-                keep = used_columns(r.mask[idx])  # trim the right padding this micro-batch does not use
-                ids, mask, lmask = r.ids[idx, :keep], r.mask[idx, :keep], loss_mask[idx, :keep]
-                sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
-                with (contextlib.nullcontext() if sync else training.trainable.no_sync()), \
-                        vlm.autocast(d.device, training.bf16):
-                    logp, entropy = training.trainable(r.prompts, ids, mask, [r.prompt_rows[j] for j in idx],
-                                                       temperature=args.temperature, return_entropy=True,
-                                                       entropy_grad=args.entropy_coef > 0,
-                                                       shared_prefix=args.prefix_forward == "shared")
-                    # on-policy (one update per rollout) the old log-probs are the current ones, detached:
-                    # the ratio is exactly 1 and its gradient is ∇logp, i.e. REINFORCE with a group baseline
-                    logp_old = old[idx, :keep] if old is not None else logp.detach()
-                    sampled = r.sampler_logp[idx, :keep] if r.sampler_logp is not None else torch.full_like(mask, math.nan)
-                    if it == 0:  # the first pass sees every row once, scored as the rollout correction sees it
-                        for k, v in sampler_gap(logp_old, sampled, mask).items():
-                            stats[k] += v
-                    weight = None if args.rollout_correction == "none" else rollout_weights(
-                        logp_old, sampled, mask, args.rollout_correction, args.rollout_correction_cap,
-                        args.rollout_correction_level)
-                    ref_i = ref[idx, :keep] if ref is not None else None
-                    tok, low, high = per_token_loss(logp, logp_old, adv[idx].to(logp.device), args.epsilon_low,
-                                                    args.epsilon_high, args.beta, ref_i, loss=args.loss, mask=mask,
-                                                    weight=weight, kl=args.kl_estimator, entropy=entropy,
-                                                    entropy_coef=args.entropy_coef)
-                    if args.tapo:
-                        extra, kl_neg = tapo_terms(logp, r.neg_logp[idx, :keep], args.gamma, args.eta)
-                        tok = tok + extra
-                        stats["tapo_kl"] += float((kl_neg.detach() * lmask).sum())
-                    loss = aggregate(tok, lmask, args.loss, ga=len(micro), l_max=args.max_new_tokens,
-                                     n_tokens=n_tokens, world=d.world_size)
+                last = i == len(micro) - 1  # DDP averages the gradients over ranks once, after the last
+                with (training.trainable.no_sync() if not last and hasattr(training.trainable, "no_sync")
+                      else contextlib.nullcontext()), trainer.autocast(d.device, training.bf16):
+                    loss, stats = micro_batch_loss(t, idx, training, args, ga=len(micro), n_tokens=n_tokens,
+                                                   world=d.world_size, first_pass=it == 0)
                 loss.backward()
-                stats["loss"] += float(loss.detach())
-                stats["tokens"] += float(lmask.sum())
-                stats["entropy"] += float((entropy.detach() * lmask).sum())
-                stats["clip_low"] += float((low * lmask).sum())
-                stats["clip_high"] += float((high * lmask).sum())
-                if ref_i is not None:
-                    stats["kl"] += float((k3(ref_i, logp.detach()) * lmask).sum())
-            stats["grad_norm"] = training.optimizer_step()
-            stats["skipped_updates"] += not math.isfinite(stats["grad_norm"])
-            stats["updates"] += 1
+                for k, v in stats.items():
+                    sums[k] += v
+            optimizer["grad_norm"] = training.optimizer_step()
+            optimizer["skipped_updates"] += not math.isfinite(optimizer["grad_norm"])
+            optimizer["updates"] += 1
+    return sums, optimizer
 
 
-def step_metrics(r, stats, d, seconds, tapo):
-    """The step's metrics: this rank's sums turned into means over every rank."""
+# the sums a step's metrics are made of, reduced over ranks in one call
+METRIC_SUMS = ("reward", "reward_sq", "accuracy", "format", "length", "rows", "loss", "kl", "entropy",
+               "clip_low", "clip_high", "tapo_kl", "tokens", "gap_abs", "gap_kl", "gap_outside", "gap_tokens")
+
+
+def step_metrics(r, sums, optimizer, d, seconds, tapo):
+    """The step's metrics: this rank's sums (the update's, the rollouts') as means over every rank."""
     s = rewards_lib.summarize(r.details)
-    rw = r.rewards
-    keys = ["reward", "reward_sq", "accuracy", "format", "length", "rows",
-            "loss", "kl", "entropy", "clip_low", "clip_high", "tapo_kl", "tokens",
-            "gap_abs", "gap_kl", "gap_outside", "gap_tokens"]
-    local = [float(rw.sum()), float((rw ** 2).sum()), s["accuracy"] * len(rw), s["format"] * len(rw),
-             float(r.lengths.float().sum()), float(len(rw))] + [stats[k] for k in keys[6:]]
-    g = dict(zip(keys, all_reduce_sum(local, d.device)))
-    n, ntok = g["rows"], max(g["tokens"], 1.0)
+    rw, n = r.rewards, len(r.rewards)
+    local = {**sums, "reward": float(rw.sum()), "reward_sq": float((rw ** 2).sum()),
+             "accuracy": s["accuracy"] * n, "format": s["format"] * n,
+             "length": float(r.lengths.float().sum()), "rows": float(n)}
+    g = dict(zip(METRIC_SUMS, all_reduce_sum([local.get(k, 0.0) for k in METRIC_SUMS], d.device)))
+    n, ntok, gap_tokens = g["rows"], max(g["tokens"], 1.0), max(g["gap_tokens"], 1.0)
     row = {"reward_mean": g["reward"] / n,
            "reward_std": math.sqrt(max(g["reward_sq"] / n - (g["reward"] / n) ** 2, 0.0)),
            "accuracy": g["accuracy"] / n, "format": g["format"] / n, "completion_length": g["length"] / n,
-           "loss": g["loss"] / d.world_size / max(stats["updates"], 1), "kl": g["kl"] / ntok,
-           "entropy": g["entropy"] / ntok, "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok,
-           "grad_norm": stats["grad_norm"], "tokens_per_s": g["length"] / max(seconds, 1e-9)}
-    gap_tokens = max(g["gap_tokens"], 1.0)  # the sampler/trainer gap: sampler_gap's sums as token means
+           "loss": g["loss"] / d.world_size / max(optimizer["updates"], 1), "kl": g["kl"] / ntok,
+           "entropy": g["entropy"] / ntok, "clip_low": g["clip_low"] / ntok,
+           "clip_high": g["clip_high"] / ntok, "grad_norm": optimizer["grad_norm"],
+           "tokens_per_s": g["length"] / max(seconds, 1e-9)}
+    # the sampler/trainer gap: sampler_gap's sums as token means
     row.update({f"sampler_{k}": g[k] / gap_tokens for k in ("gap_abs", "gap_kl", "gap_outside")})
     if tapo:
         row["tapo_kl"] = g["tapo_kl"] / ntok
@@ -609,6 +398,15 @@ def step_metrics(r, stats, d, seconds, tapo):
 
 # ----------------------------------------------------------------------------------------------------
 
+def make_question(args, table):
+    """record -> the question asked about its image (--prompt; the open question lists --class_list)."""
+    def ask(record):
+        mode = args.prompt if args.prompt != "auto" else "mcq" if "options" in record else "open"
+        listed = listed_classes(table, record.get("dataset"), args.class_list) if table else []
+        return question_for(record, mode, [c["name"] for c in listed])
+    return ask
+
+
 def make_reward(args, table, d):
     """reward.py's reward for --reward, with its verifier when a specificity term needs one."""
     reward_fn = rewards_lib.parse_reward(args.reward)
@@ -617,7 +415,7 @@ def make_reward(args, table, d):
     if args.verifier_model:  # a local instruction-tuned model judges; answers cached on disk
         judge = vlm.load_model(args.verifier_model, d.device, args.dtype)
         reward_fn.verifier = rewards_lib.LLMVerifier(
-            vlm.text_generator(judge, vlm.Processor.from_pretrained(args.verifier_model)),
+            text_generator(judge, vlm.Processor.from_pretrained(args.verifier_model)),
             cache_path=args.verifier_cache or os.path.join(args.out, "verifier_cache.sqlite"))
     elif table is None:
         raise SystemExit(f"--reward {args.reward} needs --classes (taxonomy verifier) or --verifier_model")
@@ -632,56 +430,61 @@ def main(argv=None):
     seed_process(args.seed, d.rank)  # dropout differs per rank; the samples do not
     os.makedirs(args.out, exist_ok=True)
     if args.prompts_per_step % d.world_size:
-        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be divisible by {d.world_size} ranks")
+        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must be divisible by "
+                         f"{d.world_size} ranks")
     if args.num_samples < 2 or (args.tapo and args.num_samples % 2):
         raise SystemExit("--num_samples must be >= 2 (and even with --tapo)")
 
     table = load_classes(args.classes) if args.classes else None
-    records = [r for p in args.data for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
+    records = [r for p in args.data
+               for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
     # what the reward, the question and TAPO read from every record, checked before the model loads
     require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
     require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
+    if args.class_list != "none" and table is None:
+        raise SystemExit(f"--class_list {args.class_list} needs --classes")
     if args.tapo:
         check_triplets(records)
-    names = class_names(table, "base") if table else None
     confusions = {}
     if args.confusions:
         with open(args.confusions) as f:
             confusions = json.load(f)
     reward_fn = make_reward(args, table, d)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.prompts_per_step))
-    training = vlm.setup_training(args, d, steps * args.num_iterations * args.mini_batches, reference=args.beta > 0)
+    training = trainer.setup_training(args, d, steps * args.num_iterations * args.mini_batches,
+                                      reference=args.beta > 0)
     warn_large_images(records, training.processor)
     cursor = training.resumed.get("cursor", 0)
     totals = training.resumed.get("totals", {"skipped_updates": 0, "bad_images": 0})
-    items = Items(records, args.seed, args.class_balanced)
-    mode = (lambda r: "mcq" if "options" in r else "open") if args.prompt == "auto" else (lambda r: args.prompt)
-    ask = lambda record: question_for(record, mode(record), names)
-
-    def sample(batch_records, first_index):
-        return rollout(batch_records, first_index, items, training, ask, reward_fn, args, d.device, confusions)
+    sampler = StepSampler(Items(records, args.seed, args.class_balanced), training,
+                          ask=make_question(args, table), reward_fn=reward_fn, confusions=confusions,
+                          args=args, device=d.device,
+                          shaping=lambda n: overlong_penalty(n, args.max_new_tokens, args.overlong_cache))
 
     print0(f"{len(records)} items, {steps} steps of {args.prompts_per_step} prompts x {args.num_samples}, "
            f"reward {reward_fn.spec}, loss {args.loss}, {sum(p.numel() for p in training.params) / 1e6:.2f}M "
            f"trainable parameters on {d.world_size} rank(s)")
-    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step)
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step, report_to=args.report_to,
+                   config=vars(args))
     bar = progress(training.start_step, steps, d, "grpo")
     for step in bar:
         t0 = time.time()
-        r, cursor, info = collect_rollouts(items, cursor, sample, args, d)
+        r, cursor, info = collect_rollouts(sampler, cursor, d)
         adv = group_advantages(r.rewards, r.group_size, args.scale_rewards, device=d.device)
         t1 = time.time()
-        stats = defaultdict(float)
         training.policy.train()
-        update(r, adv, training, args, d, stats)
+        sums, optimizer = update(step_targets(r, adv, training, args), training, args, d)
         t2 = time.time()
-        totals["skipped_updates"] += int(stats["skipped_updates"])
+        totals["skipped_updates"] += optimizer["skipped_updates"]
         totals["bad_images"] += r.bad_images
-        row = {"step": step + 1, **step_metrics(r, stats, d, t2 - t0, args.tapo),
-               "lr": training.scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1, **info, **totals}
+        row = {"step": step + 1, **step_metrics(r, sums, optimizer, d, t2 - t0, args.tapo),
+               "lr": training.scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
+               **info, **totals}
         log.write(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}", kl=f"{row['kl']:.4f}")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
+                        kl=f"{row['kl']:.4f}")
         save_if_due(training, args, d, step + 1, steps, {"cursor": cursor, "totals": totals})
+    log.close()
     print0(f"done: {args.out}/final")
     cleanup()
 

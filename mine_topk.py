@@ -47,7 +47,7 @@ import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, cleanup, generator_of,
                     init_distributed, nonnegative_int, option_count, print0, rng_of, shard, warn_large_images)
 from data.prompts import open_question
-from data.records import ImageError, classes_of, load_classes, load_image, read_records, write_records
+from data.records import ImageError, listed_classes, load_classes, load_image, read_records, write_records
 from engine import sample_completions
 from reward import LETTERS, ClassMatcher, extract_answer
 
@@ -134,14 +134,6 @@ def mcq_rng(seed, index):
 
 # ----------------------------------------------------------------------------------------------------
 # class lists (a mixed-domain table keeps one table per dataset under "parts")
-
-def listed_classes(table, dataset, which):
-    """Class entries of `dataset` in id order: which = base | novel | all | none (none -> [])."""
-    if which == "none":
-        return []
-    return [c for c in classes_of(table, dataset)
-            if which == "all" or (which == "base") == bool(c.get("base", True))]
-
 
 def _name(entry):
     return entry if isinstance(entry, str) else entry["name"]

@@ -18,6 +18,7 @@ A reward is a weighted sum of terms, named on the command line with `parse_rewar
 DiVE-k's 0/1/2 sum, "exact:0.9+format:0.1" Fine-R1, "speciarl" SpeciaRL (no format term: an answer
 that cannot be parsed already gets -1).
 """
+import math
 import re
 import sqlite3
 import string
@@ -456,15 +457,8 @@ def dynamic_rewards(categories, group_ids):
     for c, g in zip(categories, group_ids):
         if c in RANK:
             best[g] = min(best.get(g, RANK[WRONG]), RANK[c])
-    rewards = []
-    for c, g in zip(categories, group_ids):
-        if c is None:
-            rewards.append(PARSE_FAILURE_REWARD)
-        elif c == UNJUDGED:
-            rewards.append(0.0)
-        else:
-            rewards.append(1.0 if RANK[c] == best[g] < RANK[WRONG] else 0.0)
-    return rewards
+    return [PARSE_FAILURE_REWARD if c is None else 0.0 if c == UNJUDGED else float(RANK[c] == best[g] < RANK[WRONG])
+            for c, g in zip(categories, group_ids)]
 
 
 def open_world_metrics(categories):
@@ -584,9 +578,12 @@ def parse_reward(spec, verifier=None):
     for part in str(spec).replace(" ", "").split("+"):
         name, _, weight = part.partition(":")
         try:
-            terms.append((name.lower(), float(weight) if weight else 1.0))
+            w = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"bad weight in reward term {part!r}; {REWARD_HELP}") from None
+            w = math.nan
+        if not math.isfinite(w):
+            raise ValueError(f"bad weight in reward term {part!r} (a finite number); {REWARD_HELP}")
+        terms.append((name.lower(), w))
     return Reward(terms, verifier=verifier)
 
 

@@ -29,13 +29,13 @@ from collections import Counter
 
 import torch
 
-import vlm
+import trainer
 from checkpoint import save_if_due
-from common import (JsonlLog, add_image_args, add_runtime_args, all_reduce_sum, cleanup, epoch_permutation,
-                    init_distributed, nonnegative_int, positive_int, print0, progress, seed_process,
-                    shard, warn_large_images)
+from common import (JsonlLog, add_image_args, add_report_args, add_runtime_args, all_reduce_sum, cleanup,
+                    epoch_permutation, init_distributed, nonnegative_int, positive_int, print0, progress,
+                    renamed, seed_process, shard, warn_large_images)
 from data.prompts import question_for
-from data.records import ImageError, class_names, load_classes, load_image, read_records
+from data.records import ImageError, listed_classes, load_classes, load_image, read_records
 
 
 def parse_args(argv=None):
@@ -44,10 +44,13 @@ def parse_args(argv=None):
     a("--model", required=True, help="HF id or folder of the starting checkpoint")
     a("--data", nargs="+", required=True, help="training JSONL file(s)")
     a("--val_data", nargs="*", default=[], help="JSONL file(s) for the validation loss")
-    a("--classes", default=None, help="classes.json: labels checked against it; needed by --question open_list")
+    a("--classes", default=None, help="classes.json: labels checked against it; needed by --class_list")
     a("--out", required=True, help="output folder: step_*/ checkpoints, final/, log.jsonl")
-    a("--question", default="auto", choices=["auto", "record", "open", "open_list", "open_world"],
-      help="auto = the record's `question` field if it has one, else the open-ended question")
+    a("--prompt", default="auto", choices=["auto", "record", "open", "open_world"],
+      help="question asked (data/prompts.py); auto = the record's `question` field if it has one, else open")
+    a("--class_list", default="none", choices=["none", "base", "novel", "all"],
+      help="class names the open question lists (of the record's dataset)")
+    renamed(ap, "--question", "--prompt (and --question open_list is --prompt open --class_list base)")
     a("--target", default="auto", choices=["auto", "record", "answer"],
       help="auto = the record's `target` if present, else `<answer>{label}</answer>`")
     a("--per_class", type=nonnegative_int, default=0,
@@ -56,24 +59,26 @@ def parse_args(argv=None):
     a("--micro_batch_size", type=positive_int, default=4, help="examples per forward on one rank")
     a("--max_new_tokens", type=positive_int, default=4096,
       help="longest target trained on, in tokens; longer targets are cut")
-    vlm.add_training_args(ap, lr=1e-5, schedule="cosine", warmup_ratio=0.03)
+    trainer.add_training_args(ap, lr=1e-5, schedule="cosine", warmup_ratio=0.03)
     a("--val_every", type=nonnegative_int, default=0, help="validation loss every N steps (0: at the end)")
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
     a("--no_check_images", action="store_true", help="do not open every image before training")
     add_image_args(ap)
     add_runtime_args(ap)
+    add_report_args(ap)
     return ap.parse_args(argv)
 
 
-def make_example(record, args, names):
-    """(image path, question, target) of a record, as --question / --target say."""
-    mode = args.question
+def make_example(record, args, table):
+    """(image path, question, target) of a record, as --prompt, --class_list and --target say."""
+    mode = args.prompt
     if mode == "auto":
         mode = "record" if "question" in record else "open"
     target = args.target
     if target == "auto":
         target = "record" if "target" in record else "answer"
     text = record["target"] if target == "record" else f"<answer>{record['label']}</answer>"
+    names = [c["name"] for c in listed_classes(table, record.get("dataset"), args.class_list)] if table else []
     return record["image"], question_for(record, mode, names), text
 
 
@@ -112,7 +117,7 @@ def validation_loss(trainable, examples, processor, d, args, bf16):
                                               args.max_new_tokens)
         if batch is None:
             continue
-        with vlm.autocast(d.device, bf16):
+        with trainer.autocast(d.device, bf16):
             logp = trainable(batch, ids, mask)
         nll, tokens = nll - float(logp.sum()), tokens + float(mask.sum())
     nll, tokens = all_reduce_sum([nll, tokens], d.device)
@@ -137,27 +142,29 @@ def main(argv=None):
 
     # data: every record validated before the run starts (file:line on error, or dropped with --skip_bad)
     table = load_classes(args.classes) if args.classes else None  # labels and aliases are checked against it
-    names = class_names(table, "base") if table else None
+    if args.class_list != "none" and table is None:
+        raise SystemExit(f"--class_list {args.class_list} needs --classes")
     read = lambda paths: [r for p in paths for r in read_records(p, check_images=not args.no_check_images,
                                                                  skip_bad=args.skip_bad, classes=table)]
     records = read(args.data)
     if args.per_class:
         records = first_per_class(records, args.per_class)
-    train = [make_example(r, args, names) for r in records]
-    val = [make_example(r, args, names) for r in read(args.val_data)]
+    train = [make_example(r, args, table) for r in records]
+    val = [make_example(r, args, table) for r in read(args.val_data)]
     if args.batch_size % d.world_size:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {d.world_size} ranks")
     if len(train) < args.batch_size:
         raise SystemExit(f"{len(train)} training examples < --batch_size {args.batch_size}")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * (len(train) // args.batch_size)))
 
-    training = vlm.setup_training(args, d, total_steps)
+    training = trainer.setup_training(args, d, total_steps)
     warn_large_images(records, training.processor)
     skipped_steps = training.resumed.get("skipped_steps", 0)
     print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
            f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")
 
-    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step)
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step, report_to=args.report_to,
+                   config=vars(args))
     per_rank = args.batch_size // d.world_size
     bar = progress(training.start_step, total_steps, d, "sft")
     training.policy.train()
@@ -176,7 +183,7 @@ def main(argv=None):
         for i, (batch, ids, mask, _) in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
             with (contextlib.nullcontext() if sync else training.trainable.no_sync()), \
-                    vlm.autocast(d.device, training.bf16):
+                    trainer.autocast(d.device, training.bf16):
                 logp = training.trainable(batch, ids, mask)
                 loss = -logp.sum() / n_tokens * d.world_size
             loss.backward()
@@ -192,6 +199,7 @@ def main(argv=None):
         log.write(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         save_if_due(training, args, d, step + 1, total_steps, {"skipped_steps": skipped_steps})
+    log.close()
     print0(f"done: {args.out}/final" + (f" ({skipped_steps} steps skipped)" if skipped_steps else ""))
     cleanup()
 

@@ -60,16 +60,14 @@ def open_world_question(dataset=None):
 
 
 def question_for(record, mode, class_names=None):
-    """The question for a record in a mode: 'open', 'open_list', 'mcq', 'open_world', or 'record'
-    (the record's own `question` field, as SFT files carry)."""
+    """The question for a record in a mode: 'open' (listing `class_names` when given), 'mcq', 'open_world',
+    or 'record' (the record's own `question` field, as SFT files carry)."""
     dataset = record.get("dataset", "")
     if mode == "record":
         if "question" not in record:
             raise KeyError("record has no 'question' field")
         return record["question"]
     if mode == "open":
-        return open_question(dataset)
-    if mode == "open_list":
         return open_question(dataset, class_names)
     if mode == "mcq":
         return mcq_question(dataset, record["options"])

@@ -379,6 +379,14 @@ def classes_of(table, dataset=None):
     return table["classes"]
 
 
+def listed_classes(table, dataset, which):
+    """Class entries of `dataset` in id order: which = base | novel | all | none (none -> [])."""
+    if which == "none":
+        return []
+    return [c for c in classes_of(table, dataset)
+            if which == "all" or (which == "base") == bool(c.get("base", True))]
+
+
 def name_index(table):
     """{normalised name or alias: the classes it names} over every class of a table (all its parts)."""
     from reward import normalize  # the one normalisation of names and answers

@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import read_jsonl  # noqa: E402
-from evaluate import headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
+from metrics import headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
 
 RUNS = [  # (folder, row name), in the table's order; runs/toy.sh trains and evaluates each
     ("start", "start"),

@@ -18,12 +18,12 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -m pytest -q tests/test_engine.py -k "logits_equal or greedy_equals_generate" -rs | tee "$OUT/tests.txt"
 for shape in 3b 7b; do
-  python bench.py --shape $shape --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --image_size 448 \
+  python bench.py --shape $shape --dtype bf16 --prompts_per_call 32 --num_samples 8 --max_new_tokens 256 --max_pixels 200704 \
     --micro_batch_size 16 --repeats 1 | tee "$OUT/bench_$shape.txt"
 done
-python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --image_size 448 \
+python bench.py --shape 7b --dtype bf16 --prompts_per_call 1 --num_samples 8 --max_new_tokens 1024 --max_pixels 200704 \
   --lora_r 64 --gradient_checkpointing --micro_batch_size 8 --repeats 1 --skip_generate | tee "$OUT/bench_7b_lora.txt"
 for lora in 64 0; do
   python runs/sampler_gap.py --shape 7b --dtype bf16 --lora_r $lora \
-    --prompts_per_call 2 --num_samples 8 --max_new_tokens 256 --image_size 448 | tee "$OUT/sampler_gap_7b_lora$lora.txt"
+    --prompts_per_call 2 --num_samples 8 --max_new_tokens 256 --max_pixels 200704 | tee "$OUT/sampler_gap_7b_lora$lora.txt"
 done

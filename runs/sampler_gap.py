@@ -1,6 +1,6 @@
 """runs/sampler_gap.py — how far the sampler's log-probs are from the trainer's, for a model, dtype and device.
 
-GRPO samples with engine.sample_completions (KV-cached decode steps) and trains on vlm.sequence_logprobs (one
+GRPO samples with engine.sample_completions (KV-cached decode steps) and trains on trainer.sequence_logprobs (one
 forward over prompt and completion, each prompt shared by its group): the same weights, other kernels. This
 sets the model up as grpo.py does (trained weights in fp32, the rest in --dtype; bf16 autocast on CUDA), samples
 G completions per prompt, scores the same tokens as the on-policy update does (train mode, gradients on) and
@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vlm  # noqa: E402
+import trainer  # noqa: E402
 from bench import add_model_args, model_and_prompts  # noqa: E402
 from common import (add_runtime_args, add_sampling_args, generator_of, resolve_device, resolve_dtype,  # noqa: E402
                     seed_process)
@@ -46,17 +46,17 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     seed_process(args.seed)
     model, proc, batch = model_and_prompts(args, device, dtype)
-    vlm.configure_trainable(model, lora_r=args.lora_r, lora_dropout=0.0)  # dropout would be a gap of its own
+    trainer.configure_trainable(model, lora_r=args.lora_r, lora_dropout=0.0)  # dropout would be a gap of its own
     P, G = args.prompts_per_call, args.num_samples
     bf16 = dtype == torch.bfloat16
-    with vlm.autocast(device, bf16):  # as grpo.py's rollout and update
+    with trainer.autocast(device, bf16):  # as grpo.py's rollout and update
         model.eval()
         roll = sample_completions(model, batch, group_size=G, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p,
                                   generator=generator_of("sampler_gap", args.seed, device=device),
                                   **proc.sampling_tokens)
         model.train()
-        train = vlm.sequence_logprobs(model, batch, roll.completion_ids, roll.completion_mask,
+        train = trainer.sequence_logprobs(model, batch, roll.completion_ids, roll.completion_mask,
                                       prompt_rows=[i // G for i in range(P * G)], temperature=args.temperature)
     mask = roll.completion_mask
     gap = sampler_gap(train, roll.logprobs, mask)

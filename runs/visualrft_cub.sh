@@ -15,7 +15,7 @@ else
   TRAIN="--lora_r 64 --lora_alpha 128 --lora_dropout 0.05 --prompts_per_step 6 --max_steps 400"
 fi
 launch grpo.py --model "$MODEL" --data data/cub/train.jsonl --classes data/cub/classes.json --out "$OUT/grpo" \
-  --prompt open_list --reward exact+format --loss grpo --beta 0.04 --num_samples 4 --temperature 1.0 \
+  --prompt open --class_list base --reward exact+format --loss grpo --beta 0.04 --num_samples 4 --temperature 1.0 \
   --lr 1e-6 --schedule constant --max_new_tokens 1024 --max_pixels "$(pixels 512)" --train_vision \
   --gradient_checkpointing --micro_batch_size 4 --prompts_per_call 8 --dtype bf16 --save_every 50 $TRAIN
 

@@ -1,4 +1,4 @@
-"""runs/compare.py and the table / plot functions of evaluate.py it uses, on fake evaluation folders and logs."""
+"""runs/compare.py and the table / plot functions of metrics.py it uses, on fake evaluation folders and logs."""
 import json
 import os
 import sys
@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "runs"))
 import compare  # noqa: E402
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 
 def write_eval(folder, open_=None, mcq=None, two_step=None, open_world=None):
@@ -46,19 +46,19 @@ def test_summary_rows_with_one_name_are_seeds_mean_and_std(tmp_path):
     for name, acc in (("a", 0.5), ("b", 0.7), ("c", 0.25)):
         write_eval(str(tmp_path / name), mcq=acc)
     write_eval(str(tmp_path / "d"), open_={"base_acc": 0.5, "novel_acc": 0.25, "hm": 1 / 3, "acc": 0.4})
-    table = evaluate.summary([str(tmp_path / n) for n in "abcd"], ["X", "X", "Y", "Z"]).splitlines()
+    table = metrics.summary([str(tmp_path / n) for n in "abcd"], ["X", "X", "Y", "Z"]).splitlines()
     assert table[0].split() == ["model", "base", "novel", "HM", "open", "acc", "MCQ"]
     assert table[2].split() == ["X", "-", "-", "-", "-", "60.0", "±", "14.1"]  # mean 60, std (ddof 1) 14.1
     assert table[3].split() == ["Y", "-", "-", "-", "-", "25.0"]  # one seed: no ±
     assert table[4].split() == ["Z", "50.0", "25.0", "33.3", "40.0", "-"]
     with pytest.raises(SystemExit, match="names"):
-        evaluate.summary([str(tmp_path / "a")], ["X", "Y"])
+        metrics.summary([str(tmp_path / "a")], ["X", "Y"])
 
 
 def test_mean_std():
-    assert evaluate.mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
-    assert evaluate.mean_std([4.0]) == (4.0, None, 1)
-    assert evaluate.mean_std([None]) == (None, None, 0)
+    assert metrics.mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+    assert metrics.mean_std([4.0]) == (4.0, None, 1)
+    assert metrics.mean_std([None]) == (None, None, 0)
 
 
 def test_verdict_arithmetic():
@@ -98,7 +98,7 @@ def test_compare_table_claims_and_plots(tmp_path, capsys):
     assert claims["SpeciaRL - start, specific"] == (pytest.approx([-10.0] * 3), "opposite")
     assert claims["Fine-R1: TAPO - DAPO, HM"][1] == "reproduced"
     assert "opposite" in out and "reproduced" in out
-    if evaluate._pyplot() is not None:  # matplotlib is an optional extra: the tables never need it
+    if metrics._pyplot() is not None:  # matplotlib is an optional extra: the tables never need it
         for png in ("curves.png", "accuracy.png"):
             assert os.path.getsize(tmp_path / "plots" / png) > 10_000
 
@@ -118,9 +118,9 @@ def test_plot_writers_on_a_fake_log(tmp_path):
         log.write_text("".join(json.dumps({"step": s, "reward_mean": s + seed, "kl": 0.1}) + "\n" for s in range(1, 4))
                        + '{"step": 4, "rew')  # a crash-cut last line is ignored
         logs.append(str(log))
-    png = evaluate.plot_curves(logs, str(tmp_path / "c.png"), ["reward_mean", "kl", "absent"], ["run", "run"])
+    png = metrics.plot_curves(logs, str(tmp_path / "c.png"), ["reward_mean", "kl", "absent"], ["run", "run"])
     assert png and os.path.getsize(png) > 5_000
-    png = evaluate.plot_bars({"a": {"base": [50.0, 60.0], "novel": [30.0], "HM": []}, "b": {"base": [10.0]}},
+    png = metrics.plot_bars({"a": {"base": [50.0, 60.0], "novel": [30.0], "HM": []}, "b": {"base": [10.0]}},
                              str(tmp_path / "b.png"))
     assert png and os.path.getsize(png) > 5_000
 

@@ -5,6 +5,7 @@ import torch
 
 import engine
 import lora
+import trainer
 import vlm
 from conftest import QUESTIONS
 
@@ -157,7 +158,7 @@ def test_vision_tokens_are_never_sampled(tiny_dir, tiny, images):
     assert guarded.completion_mask.sum() > 0
     model.lm_head = head
     with torch.no_grad():  # the guarded completions score fine (the unguarded ones would crash here)
-        vlm.sequence_logprobs(model, batch.repeat_interleave(2), guarded.completion_ids, guarded.completion_mask)
+        trainer.sequence_logprobs(model, batch.repeat_interleave(2), guarded.completion_ids, guarded.completion_mask)
 
 
 def test_every_cache_kind_samples_the_same(tiny, images):

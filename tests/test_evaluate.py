@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
-import torch
 
 import evaluate as E
+import metrics as M
 import vlm
 from data.records import load_classes, read_records
 from reward import TaxonomyVerifier, extract_answer
@@ -34,13 +34,13 @@ HAND = [P("toy", "a", 1), P("toy", "a", 1), P("toy", "b", 1), P("toy", "b", 0, i
 
 
 def test_harmonic_mean():
-    assert E.harmonic_mean(0.75, 0.5) == pytest.approx(0.6)
-    assert E.harmonic_mean(0.0, 0.0) == 0.0 and E.harmonic_mean(1.0, 0.0) == 0.0
-    assert E.harmonic_mean(None, 0.5) is None
+    assert M.harmonic_mean(0.75, 0.5) == pytest.approx(0.6)
+    assert M.harmonic_mean(0.0, 0.0) == 0.0 and M.harmonic_mean(1.0, 0.0) == 0.0
+    assert M.harmonic_mean(None, 0.5) is None
 
 
 def test_base_novel_hm_per_dataset_and_mean():
-    m = E.compute_metrics(HAND, TABLE)
+    m = M.compute_metrics(HAND, TABLE)
     toy, fs = m["per_dataset"]["toy"], m["per_dataset"]["fs"]
     assert m["mode"] == "open"
     assert (toy["n"], toy["skipped"], toy["base_n"], toy["novel_n"]) == (6, 1, 4, 2)
@@ -55,11 +55,11 @@ def test_base_novel_hm_per_dataset_and_mean():
     assert mean["base_acc"] == 0.75 and mean["novel_acc"] == 0.5 and mean["hm"] == pytest.approx(0.6)
     # membership comes from the table, not from the rows' own flags
     lying = [dict(r, base=not r.get("base", True)) for r in HAND]
-    assert E.compute_metrics(lying, TABLE) == m
+    assert M.compute_metrics(lying, TABLE) == m
     # without a table, the rows' flags decide
     flagged = [dict(r, base=r["label"] in "abpq") for r in HAND]
-    assert E.compute_metrics(flagged)["per_dataset"]["toy"]["hm"] == pytest.approx(0.6)
-    assert "hm" not in E.compute_metrics(flagged)["per_dataset"]["fs"]
+    assert M.compute_metrics(flagged)["per_dataset"]["toy"]["hm"] == pytest.approx(0.6)
+    assert "hm" not in M.compute_metrics(flagged)["per_dataset"]["fs"]
 
 
 def test_open_world_correctness_specificity_hm():
@@ -68,7 +68,7 @@ def test_open_world_correctness_specificity_hm():
     rows = [dict(P("toy", "a", c in ("specific", "more_specific")), mode="open_world", category=c) for c in cats]
     rows += [dict(P("fs", "p", 1), mode="open_world", category="specific"),
              dict(P("fs", "q", 0), mode="open_world", category="wrong")]
-    m = E.compute_metrics(rows, TABLE)
+    m = M.compute_metrics(rows, TABLE)
     toy, fs = m["per_dataset"]["toy"], m["per_dataset"]["fs"]
     # 8 judged (1 unjudged left out); correct = 2 specific + more + less + generic = 5; specific-or-more = 3
     assert toy["correctness"] == 5 / 8 and toy["specificity"] == 3 / 5 and toy["unjudged"] == 1
@@ -81,8 +81,8 @@ def test_open_world_correctness_specificity_hm():
 
 
 def test_format_table():
-    a, b = E.compute_metrics(HAND, TABLE), E.compute_metrics(HAND[:6], TABLE)
-    text = E.format_table([a, b], ["before", "after"])
+    a, b = M.compute_metrics(HAND, TABLE), M.compute_metrics(HAND[:6], TABLE)
+    text = M.format_table([a, b], ["before", "after"])
     lines = text.splitlines()
     assert lines[0].split()[:5] == ["run", "mode", "dataset", "n", "skip"] and "HM" in lines[0].split()
     rows = [line.split() for line in lines[2:]]
@@ -125,7 +125,7 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
     for mode in E.MODES:
         rows = [json.loads(line) for line in open(os.path.join(out, f"predictions_{mode}.jsonl"))]
         metrics = json.load(open(os.path.join(out, f"metrics_{mode}.json")))
-        assert metrics == json.loads(json.dumps(E.compute_metrics(rows, table)))
+        assert metrics == json.loads(json.dumps(M.compute_metrics(rows, table)))
         assert [(r["file"], r["key"]) for r in rows] == [(f, i) for f in ("test_base", "test_novel") for i in range(3)]
         assert [r["image"] for r in rows] == [r["image"] for r in records]
         assert [r["base"] for r in rows] == [True] * 3 + [False] * 3
@@ -158,7 +158,7 @@ def test_all_modes_end_to_end(world, tmp_path, monkeypatch, capsys):
             assert any(r["sampled"] > 0 for r in done)  # some samples name the label: the count is exercised
             older = [r for r in rows if "skipped" not in r][:2]  # rows of a shard written before `sampled`
             mixed = older[:1] + [{k: v for k, v in older[1].items() if k != "sampled"}]
-            assert E.compute_metrics(mixed, table)["mean"]["sampled"] == older[0]["sampled"]
+            assert M.compute_metrics(mixed, table)["mean"]["sampled"] == older[0]["sampled"]
     assert any(r["fallback"] is None for r in map(json.loads, open(os.path.join(out, "predictions_two_step.jsonl")))
                if "skipped" not in r)
     printed = capsys.readouterr().out

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
+import rollouts
+import trainer
 import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,7 +494,7 @@ def test_stop_and_resume_equals_uninterrupted(small_world, tmp_path, monkeypatch
     if lora:
         flags += ["--lora_r", "4", "--lora_dropout", "0.1"]
     straight = run(small_world, model, tmp_path / "straight", *flags)
-    real, calls = vlm.clip_gradients, {"n": 0}
+    real, calls = trainer.clip_gradients, {"n": 0}
 
     def crash(*a, **k):  # preempted during the update of step 4 (2 updates per step): step 3 is logged, not saved
         calls["n"] += 1
@@ -500,10 +502,10 @@ def test_stop_and_resume_equals_uninterrupted(small_world, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(vlm, "clip_gradients", crash)
+    monkeypatch.setattr(trainer, "clip_gradients", crash)
     with pytest.raises(KeyboardInterrupt):
         run(small_world, model, tmp_path / "resumed", *flags)
-    monkeypatch.setattr(vlm, "clip_gradients", real)
+    monkeypatch.setattr(trainer, "clip_gradients", real)
     resumed = run(small_world, model, tmp_path / "resumed", *flags, "--resume")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3 ran twice (from step 2's checkpoint), logged once
     for a, b in zip(straight, resumed):
@@ -532,7 +534,7 @@ def test_non_finite_loss_skips_the_update(small_world, tmp_path, monkeypatch):
 
 def test_the_class_balanced_stream_gives_each_step_distinct_classes():
     records = [{"image": f"/x/{c}{i}.png", "label": c} for c in "abcdefgh" for i in range(5)]
-    plain, balanced = grpo.Items(records, seed=0), grpo.Items(records, seed=0, class_balanced=True)
+    plain, balanced = rollouts.Items(records, seed=0), rollouts.Items(records, seed=0, class_balanced=True)
     for stream in (plain, balanced):  # both: every record once an epoch, a new order the next
         assert sorted(stream[i]["image"] for i in range(40)) == sorted(r["image"] for r in records)
         assert [stream[i]["image"] for i in range(40)] != [stream[i]["image"] for i in range(40, 80)]
@@ -544,14 +546,14 @@ def test_the_class_balanced_stream_gives_each_step_distinct_classes():
 def test_tapo_positive_is_another_image_of_the_class():
     records = [{"image": f"/x/{c}{i}.png", "label": c} for c in "ab" for i in range(3)] + \
               [{"image": "/x/only.png", "label": "c"}]
-    items = grpo.Items(records, seed=0)
+    items = rollouts.Items(records, seed=0)
     confusions = {"a": [["b", 4]]}
     for k in range(30):
         rng = random.Random(k)
-        pos, neg = grpo.tapo_images(records[k % 3], items, confusions, rng)
+        pos, neg = rollouts.tapo_images(records[k % 3], items, confusions, rng)
         assert pos != records[k % 3]["image"] and pos.startswith("/x/a")
         assert neg.startswith("/x/b")  # the most-confused class
-    pos, neg = grpo.tapo_images(records[-1], items, {}, random.Random(0))
+    pos, neg = rollouts.tapo_images(records[-1], items, {}, random.Random(0))
     assert pos == "/x/only.png" and not neg.startswith("/x/c")  # a one-image class: the anchor itself
 
 
@@ -606,7 +608,7 @@ def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch)
         def __init__(self, rewards, G=2):
             self.rewards, self.group_size = torch.tensor(rewards, dtype=torch.float32), G
             self.details = [{"reward": x, "correct": x == 1.0, "format": 1.0} for x in rewards]
-        varied_groups = grpo.Rollouts.varied_groups
+        varied_groups = rollouts.Rollouts.varied_groups
 
         def select(self, groups):
             return Fake([float(self.rewards[g * self.group_size + j]) for g in groups for j in range(self.group_size)])
@@ -614,18 +616,18 @@ def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch)
         def __len__(self):
             return len(self.rewards)
 
-    monkeypatch.setattr(grpo.Rollouts, "cat", staticmethod(lambda parts: Fake([float(x) for p in parts for x in p.rewards])))
+    monkeypatch.setattr(rollouts.Rollouts, "cat", staticmethod(lambda parts: Fake([float(x) for p in parts for x in p.rewards])))
     draws = iter([[1, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0]])  # 3 groups of 2 a draw: 1 varied, then 2 of 3
     sample = lambda records, first: Fake(next(draws))
     d = SimpleNamespace(rank=0, world_size=1, device="cpu")
     args = SimpleNamespace(prompts_per_step=3, dynamic_sampling=True, max_resample=1)
-    r, cursor, info = grpo.collect_rollouts(list(range(10)), 0, sample, args, d)
+    r, cursor, info = rollouts.collect_rollouts(SimpleNamespace(items=list(range(10)), rollout=sample, args=args), 0, d)
     assert cursor == 6 and info["draws"] == 2 and info["filled_groups"] == 0
     assert r.rewards.tolist() == [1, 0, 0, 1, 1, 0]  # the three varied groups: half right by construction
     assert info["reward_drawn"] == pytest.approx(7 / 12) and info["accuracy_drawn"] == pytest.approx(7 / 12)
     draws = iter([[1, 0, 1, 1, 0, 0]])
-    r, _, info = grpo.collect_rollouts(list(range(10)), 0, sample, SimpleNamespace(prompts_per_step=3,
-                                       dynamic_sampling=False, max_resample=1), d)
+    args = SimpleNamespace(prompts_per_step=3, dynamic_sampling=False, max_resample=1)
+    r, _, info = rollouts.collect_rollouts(SimpleNamespace(items=list(range(10)), rollout=sample, args=args), 0, d)
     assert info["reward_drawn"] == pytest.approx(float(r.rewards.mean())) == pytest.approx(0.5)
 
     # an extra draw takes what the shortfall needs at the rate kept so far: 3 of 4 kept -> 1 short at 3/4 -> 2 items
@@ -634,8 +636,8 @@ def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch)
     def sample(records, first):
         asked.append((list(records), first))
         return Fake(next(draws))
-    r, cursor, info = grpo.collect_rollouts(list(range(10)), 0, sample, SimpleNamespace(
-        prompts_per_step=4, dynamic_sampling=True, max_resample=1), d)
+    args = SimpleNamespace(prompts_per_step=4, dynamic_sampling=True, max_resample=1)
+    r, cursor, info = rollouts.collect_rollouts(SimpleNamespace(items=list(range(10)), rollout=sample, args=args), 0, d)
     assert asked == [([0, 1, 2, 3], 0), ([4, 5], 4)] and cursor == 6
     assert info["draws"] == 2 and info["filled_groups"] == 0 and r.rewards.tolist() == [1, 0, 0, 1, 1, 0, 1, 0]
     assert info["reward_drawn"] == pytest.approx(8 / 12)

@@ -7,13 +7,13 @@ the tiny model samples those about half the time, so every group has varied rewa
 raise the share by shifting probability between tokens it already samples. Same seeds, same prompts, the
 same number of steps; only the reward differs. Negating the advantages (what a sign error in the loss
 does) must lower the share instead: the test is only worth something if it can fail."""
-from collections import defaultdict
 
 import pytest
 import torch
 
 import grpo
-import vlm
+import rollouts
+import trainer
 from common import Dist, generator_of
 from conftest import QUESTIONS, random_image
 from engine import sample_completions
@@ -36,25 +36,25 @@ def train(tiny_dir, tmp_path, reward, sign=1.0):
                             "--lr", "2e-3", "--beta", "0", "--loss", "grpo"])
     d = Dist()
     torch.manual_seed(0)
-    training = vlm.setup_training(args, d, STEPS)
+    training = trainer.setup_training(args, d, STEPS)
     proc = training.processor
     images = [random_image(56, 56, 0), random_image(84, 56, 1), random_image(56, 112, 2)]
     prompts = proc.encode(images, QUESTIONS)
     vocab = training.policy.vlm.lm_head.weight.shape[0]
     share = []
     for step in range(STEPS):
-        with vlm.generation_mode(training.policy):
+        with trainer.generation_mode(training.policy):
             roll = sample_completions(training.policy, prompts, group_size=G, max_new_tokens=L, temperature=1.0,
                                       generator=generator_of("sanity", step), **proc.sampling_tokens)
         ids, mask = roll.completion_ids, roll.completion_mask
         hits = (in_half(ids, vocab) * mask).sum(1) / mask.sum(1)
         share.append(float(hits.mean()))
         rewards = reward(hits, step)
-        r = grpo.Rollouts(prompts, [i // G for i in range(len(ids))], ids, mask, rewards, mask.sum(1),
+        r = rollouts.Rollouts(prompts, [i // G for i in range(len(ids))], ids, mask, rewards, mask.sum(1),
                           [{}] * len(ids), G, sampler_logp=roll.logprobs)
         adv = sign * grpo.group_advantages(rewards, G)
         training.policy.train()
-        grpo.update(r, adv, training, args, d, defaultdict(float))
+        grpo.update(grpo.step_targets(r, adv, training, args), training, args, d)
     return share
 
 

@@ -7,6 +7,7 @@ import torch
 
 import checkpoint
 import lora
+import trainer
 import vlm
 from conftest import QUESTIONS
 
@@ -32,7 +33,7 @@ def test_lora_off_equals_base_and_merge_equals_unmerged(tiny_dir, tiny, images):
             m.lora_B.normal_(std=0.05)
     batch = proc.encode(images, QUESTIONS)
     ids, mask = proc.encode_completions(["<answer>red square</answer>", "b", "c d e"])
-    score = lambda m: vlm.sequence_logprobs(m, batch, ids, mask)
+    score = lambda m: trainer.sequence_logprobs(m, batch, ids, mask)
     with torch.no_grad():
         ref, lora_on = score(base), score(model)
         with lora.lora_disabled(model):
@@ -54,19 +55,19 @@ def test_save_load_round_trip_with_lora_merged(tiny_dir, tiny, images, tmp_path)
     batch = proc.encode(images, QUESTIONS)
     ids, mask = proc.encode_completions(["<answer>x</answer>", "y", "z"])
     with torch.no_grad():
-        before = vlm.sequence_logprobs(model, batch, ids, mask)
+        before = trainer.sequence_logprobs(model, batch, ids, mask)
     checkpoint.save_checkpoint(model, proc, str(tmp_path / "ckpt"))
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
             "adapter.safetensors", "adapter_config.json"} <= files
     loaded = vlm.model_class(model.config).from_pretrained(str(tmp_path / "ckpt")).eval()  # plain transformers
     with torch.no_grad():
-        after = vlm.sequence_logprobs(loaded, batch, ids, mask)
+        after = trainer.sequence_logprobs(loaded, batch, ids, mask)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     # the adapter alone on a fresh base gives the same model
     again = lora.load_adapter(fresh_model(tiny_dir), str(tmp_path / "ckpt"))
     with torch.no_grad():
-        torch.testing.assert_close(vlm.sequence_logprobs(again, batch, ids, mask), before, atol=1e-6, rtol=0)
+        torch.testing.assert_close(trainer.sequence_logprobs(again, batch, ids, mask), before, atol=1e-6, rtol=0)
     proc2 = vlm.Processor.from_pretrained(str(tmp_path / "ckpt"))
     assert torch.equal(proc2.encode(images, QUESTIONS).input_ids, batch.input_ids)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import engine
+import trainer
 import vlm
 from conftest import random_image
 from reward import extract_answer, format_ok, is_correct
@@ -104,7 +105,7 @@ def test_scorer_and_sampler_over_the_real_vocabulary(qwen_dir, qwen, tmp_path):
                                      generator=torch.Generator().manual_seed(0), **qwen.sampling_tokens)
     rows = batch.repeat_interleave(2)
     with torch.no_grad():
-        chunked = vlm.sequence_logprobs(model, rows, done.completion_ids, done.completion_mask, temperature=0.9,
+        chunked = trainer.sequence_logprobs(model, rows, done.completion_ids, done.completion_mask, temperature=0.9,
                                         chunk_size=2)
         hidden = model.model(input_ids=torch.cat([rows.input_ids, done.completion_ids], 1),
                              attention_mask=torch.cat([rows.attention_mask, done.completion_mask.long()], 1),

@@ -190,16 +190,16 @@ def test_toy_base_model_builder(toy_world, tmp_path, family):
 
 
 def test_summary_table(tmp_path):
-    import evaluate
+    import metrics
     for name, acc in [("sft", 0.5), ("grpo", 0.75)]:
         folder = tmp_path / name
         folder.mkdir()
-        metrics = {"mode": "open", "per_dataset": {"toy": {"base_acc": acc, "novel_acc": 0.25, "hm": 0.4, "acc": 0.3}},
+        values = {"mode": "open", "per_dataset": {"toy": {"base_acc": acc, "novel_acc": 0.25, "hm": 0.4, "acc": 0.3}},
                    "mean": {}}
-        (folder / "metrics_open.json").write_text(json.dumps(metrics))
+        (folder / "metrics_open.json").write_text(json.dumps(values))
     (tmp_path / "grpo" / "metrics_mcq.json").write_text(json.dumps(
         {"mode": "mcq", "per_dataset": {"toy": {"acc": 0.875}}, "mean": {}}))
-    table = evaluate.summary([str(tmp_path / "sft"), str(tmp_path / "grpo")], ["SFT", "GRPO"]).splitlines()
+    table = metrics.summary([str(tmp_path / "sft"), str(tmp_path / "grpo")], ["SFT", "GRPO"]).splitlines()
     assert table[0].split() == ["model", "base", "novel", "HM", "open", "acc", "MCQ"]
     assert table[2].split() == ["SFT", "50.0", "25.0", "40.0", "30.0", "-"]
     assert table[3].split() == ["GRPO", "75.0", "25.0", "40.0", "30.0", "87.5"]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import sft
 import engine
 import checkpoint
+import trainer
 import vlm
 from data.records import read_records
 
@@ -28,7 +29,7 @@ def test_loss_is_hf_labels_loss_on_assistant_tokens_only(squares):
     batch, ids, mask, bad = sft.encode_examples(examples, proc, "cpu", 4096)
     assert bad == 0
     with torch.no_grad():
-        ours = -(vlm.sequence_logprobs(model, batch, ids, mask)).sum() / mask.sum()
+        ours = -(trainer.sequence_logprobs(model, batch, ids, mask)).sum() / mask.sum()
         T = batch.input_ids.shape[1]
         labels = torch.cat([torch.full_like(batch.input_ids, -100), ids.masked_fill(mask == 0, -100)], 1)
         pos = batch.next_positions()[..., None] + torch.arange(ids.shape[1])
@@ -96,7 +97,7 @@ def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lo
     sft.main(["--model", model_dir, "--data", data, "--out", straight, "--save_every", "2"] + COMMON + extra)
 
     calls = {"n": 0}
-    real = vlm.clip_gradients
+    real = trainer.clip_gradients
 
     def crash_at_step_4(*a, **k):
         calls["n"] += 1
@@ -104,10 +105,10 @@ def test_stop_and_resume_equals_uninterrupted(squares, tmp_path, monkeypatch, lo
             raise KeyboardInterrupt("preempted")
         return real(*a, **k)
 
-    monkeypatch.setattr(vlm, "clip_gradients", crash_at_step_4)
+    monkeypatch.setattr(trainer, "clip_gradients", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2"] + COMMON + extra)
-    monkeypatch.setattr(vlm, "clip_gradients", real)
+    monkeypatch.setattr(trainer, "clip_gradients", real)
     assert checkpoint.latest_checkpoint(resumed).endswith("step_000002")
     sft.main(["--model", model_dir, "--data", data, "--out", resumed, "--save_every", "2", "--resume"] + COMMON + extra)
     a, b = weights(os.path.join(straight, "final")), weights(os.path.join(resumed, "final"))

@@ -1,4 +1,4 @@
-"""The shared-prefix training forward against the per-row forward it replaces (vlm.sequence_logprobs with
+"""The shared-prefix training forward against the per-row forward it replaces (trainer.sequence_logprobs with
 shared_prefix=False: one prompt ⊕ completion row per completion, the slow, obviously-correct reference).
 
 Both must give the same per-token log-probs and entropies, and the same gradient in every parameter,
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora
+import trainer
 import vlm
 from conftest import QUESTIONS, random_image
 
@@ -28,7 +29,7 @@ def completions(n, L, proc, seed):
 def scored(model, batch, ids, mask, rows, shared, temperature=0.8):
     """Log-probs, entropies and every parameter's gradient of a loss that weighs each token differently."""
     model.zero_grad(set_to_none=True)
-    logp, entropy = vlm.sequence_logprobs(model, batch, ids, mask, prompt_rows=rows, temperature=temperature,
+    logp, entropy = trainer.sequence_logprobs(model, batch, ids, mask, prompt_rows=rows, temperature=temperature,
                                           return_entropy=True, shared_prefix=shared)
     weights = torch.linspace(0.5, 2.0, logp.numel()).view_as(logp)
     (logp * weights).sum().backward()
@@ -102,7 +103,7 @@ def test_the_vision_tower_and_prompt_run_once_per_prompt_row(trainable_model, ti
     try:
         for shared in (True, False):
             with torch.no_grad():
-                vlm.sequence_logprobs(trainable_model, prompts, ids, mask, prompt_rows=rows, shared_prefix=shared)
+                trainer.sequence_logprobs(trainable_model, prompts, ids, mask, prompt_rows=rows, shared_prefix=shared)
     finally:
         hook.remove()
         hook2.remove()
@@ -118,7 +119,7 @@ def test_lora_and_its_reference_pass(tiny_dir, tiny, prompts):
     draw different masks), and the KL reference pass with the adapters switched off."""
     proc = tiny[1]
     model = vlm.load_model(tiny_dir)
-    vlm.configure_trainable(model, lora_r=4, lora_alpha=8, lora_dropout=0.0, train_vision=True)
+    trainer.configure_trainable(model, lora_r=4, lora_alpha=8, lora_dropout=0.0, train_vision=True)
     for name, p in model.named_parameters():  # adapters start at B = 0: move them so they matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
@@ -128,7 +129,7 @@ def test_lora_and_its_reference_pass(tiny_dir, tiny, prompts):
     assert_same(shared, scored(model, prompts, ids, mask, rows, shared=False))
     assert all("lora_" in n for n in shared[2]) and any(".visual." in f".{n}" for n in shared[2])
     with torch.no_grad(), lora.lora_disabled(model):
-        off = [vlm.sequence_logprobs(model, prompts, ids, mask, prompt_rows=rows, shared_prefix=s) for s in (True, False)]
+        off = [trainer.sequence_logprobs(model, prompts, ids, mask, prompt_rows=rows, shared_prefix=s) for s in (True, False)]
     torch.testing.assert_close(off[0], off[1], atol=1e-5, rtol=0)
     assert (off[0] - shared[0]).abs().max() > 1e-3  # the adapters were really off
 
@@ -150,8 +151,8 @@ def test_eager_attention_takes_the_additive_mask(tiny_dir, tiny, prompts):
     ids, mask = completions(6, 8, proc, seed=6)
     rows = [0, 0, 1, 1, 2, 2]
     with torch.no_grad():
-        eager = vlm.sequence_logprobs(model, prompts, ids, mask, prompt_rows=rows, shared_prefix=True)
-        reference = vlm.sequence_logprobs(vlm.load_model(tiny_dir), prompts, ids, mask, prompt_rows=rows,
+        eager = trainer.sequence_logprobs(model, prompts, ids, mask, prompt_rows=rows, shared_prefix=True)
+        reference = trainer.sequence_logprobs(vlm.load_model(tiny_dir), prompts, ids, mask, prompt_rows=rows,
                                           shared_prefix=False)
     torch.testing.assert_close(eager, reference, atol=1e-5, rtol=0)
 
@@ -169,7 +170,7 @@ def test_bf16(tiny_dir, tiny, images, device):
     batch = proc.encode(images, QUESTIONS).to(device)
     ids, mask = (t.to(device) for t in completions(6, 8, proc, seed=7))
     rows = [0, 0, 1, 1, 2, 2]
-    with vlm.autocast(device, True):
+    with trainer.autocast(device, True):
         shared, per_row = (scored(model, batch, ids, mask, rows, shared=s) for s in (True, False))
     torch.testing.assert_close(shared[0], per_row[0], atol=0.05, rtol=0)
     for name in per_row[2]:
@@ -184,9 +185,9 @@ def test_layout_attends_as_documented(tiny, prompts):
     ids, mask = completions(4, 5, proc, seed=8)
     mask[2, 1] = 0  # a hole inside a completion: never attended to
     rows = [2, 0, 2, 2]
-    pack = vlm.shared_prefix_layout(prompts, rows, ids, mask)
+    pack = trainer.shared_prefix_layout(prompts, rows, ids, mask)
     Tp = pack.prompts.input_ids.shape[1]
-    lengths = vlm.completion_lengths(mask).tolist()
+    lengths = trainer.completion_lengths(mask).tolist()
     owner, real = {}, {}
     for r in range(pack.input_ids.shape[0]):
         for t in range(Tp):

@@ -6,6 +6,7 @@ import torch
 
 import engine
 import tiny
+import trainer
 import vlm
 from conftest import QUESTIONS, random_image
 
@@ -41,7 +42,7 @@ def test_scorer_equals_sampler_logprobs(tiny, images, family):
                                   pad_token_id=proc.pad_token_id)
     rows = batch.repeat_interleave(2)
     with torch.no_grad():
-        logp = vlm.sequence_logprobs(model, rows, roll.completion_ids, roll.completion_mask, temperature=0.7)
+        logp = trainer.sequence_logprobs(model, rows, roll.completion_ids, roll.completion_mask, temperature=0.7)
     torch.testing.assert_close(logp, roll.logprobs, atol=1e-4, rtol=0)
 
     # The silent fallback this guards against: a forward that leaves positions to transformers and passes
@@ -81,7 +82,7 @@ def test_chunked_scorer_equals_full_logits_with_gradients(tiny, images, entropy_
         loss.backward()
         return logp.detach(), weight.grad.clone(), entropy.detach(), norm.grad.clone()
 
-    chunked = loss_of(lambda: vlm.sequence_logprobs(model, batch, ids, mask, temperature=0.9, chunk_size=3,
+    chunked = loss_of(lambda: trainer.sequence_logprobs(model, batch, ids, mask, temperature=0.9, chunk_size=3,
                                                     return_entropy=True, entropy_grad=entropy_grad))
 
     def full():  # reference: the whole logits tensor at once
@@ -237,8 +238,8 @@ def test_a_checkpoint_in_the_hubs_form_loads_the_same_model(tiny_dir, tiny, imag
     assert torch.equal(hub_proc.encode(images, QUESTIONS).input_ids, batch.input_ids)
     ids, mask = proc.encode_completions(["<answer>red square</answer>", "b", "c d e"])
     with torch.no_grad():
-        torch.testing.assert_close(vlm.sequence_logprobs(hub, batch, ids, mask),
-                                   vlm.sequence_logprobs(model, batch, ids, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(trainer.sequence_logprobs(hub, batch, ids, mask),
+                                   trainer.sequence_logprobs(model, batch, ids, mask), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("h,w", [(333, 500), (1000, 750), (448, 448), (56, 56)])
