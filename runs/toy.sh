@@ -1,59 +1,27 @@
 #!/usr/bin/env bash
-# The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU.
+# The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU
+# (about 12 min on 2 cores from nothing, 7 with the start model cached). Why these settings, the timings and
+# the history: docs/LOG.md, "runs/toy.sh: why these settings"; each recipe's settings: docs/methods.md.
 #
-#   bash runs/toy.sh                    # world seed 0 -> out/toy/seed_0 on 2 CPU cores: 11.3 min from
-#                                       # nothing, 7.2 with the start model cached (docs/LOG.md)
-#   SEEDS="0 1 2" bash runs/toy.sh      # three worlds: mean ± std per cell, each paper's claim, a verdict
-#   WORLD=attributes bash runs/toy.sh   # the former main job: names that spell out the attributes, the
-#                                       # recipes starting from an SFT on the base classes
-#   STEPS=120 PROMPTS=16 bash runs/toy.sh   # another budget (the same for every recipe)
-#   PREFIX=per_row bash runs/toy.sh     # the GRPO update with one prompt per completion (the reference forward)
-#   FAMILY=qwen3 bash runs/toy.sh       # the same comparison from a tiny Qwen3-VL start model -> out/toy_qwen3
+# For each world seed: 0. draw the toy world (data.prepare toy --names epithets --pretrain_naming: 64 classes,
+# 32 base / 32 novel, names that take knowledge as well as sight); 1. build the start model standing in for
+# the Instruct model: a tiny model of the family, its vision tower pretrained on the attributes
+# (runs/toy_base.py, one tower for every seed, in OUT/tower), then sft.py on the pretraining mix (cached in
+# OUT/seed_N/start); 2. train each recipe from it with one budget (lr 3e-4, 20% warm-up, T 1): the format-only
+# control, Visual-RFT, DiVE-k (mine, then GRPO on the MCQs), SpeciaRL, Fine-R1 (CoT SFT, then TAPO) and DAPO
+# from the same CoT SFT model, in two lanes of one process each; evaluate every model alike (evaluate.py,
+# greedy: base / novel / HM, two-step, held-out MCQ, open-world). Then runs/compare.py prints the table (mean
+# ± std over seeds), each paper's claim and a verdict, and writes OUT/curves.png and OUT/accuracy.png.
 #
-# The world (python -m data.prepare toy --names epithets --pretrain_naming): 64 classes, shape x colour x
-#   pattern, 32 base (trained on) / 32 novel (never seen in training). A name says the shape and colour and
-#   an invented epithet for the pattern whose meaning depends on the colour ("kavi red circle" is striped,
-#   "kavi green circle" checked), so naming takes knowledge as well as sight, as "Laysan" or
-#   "Black-footed" does for albatrosses. On the former world ("striped red triangle") the name spells out
-#   what is seen: SFT took everything the features carry and GRPO had nothing left to learn (docs/LOG.md).
-# The start model stands in for Qwen2.5-VL-Instruct (FAMILY=qwen3: Qwen3-VL-Instruct, its 56-px images resized
-#   to 64 px, so that its visual tokens of 32x32 px are as many, 4 an image): a tiny model of the family whose
-#   vision tower is pretrained on the attribute labels (runs/toy_base.py), then sft.py on the pretraining mix
-#   about all 64 classes: attribute questions, MCQs, and DiVE-k's listed naming question (it names from a
-#   list, as an Instruct model does). It comes out knowing the epithets and using that knowledge badly:
-#   its samples at T 1 are often wrong where its greedy answer is right, and its other errors are the
-#   tower's shapes. That is the papers' premise (a model that has the knowledge and does not use it well),
-#   and what RL can change in minutes. Built once per world, cached in OUT/seed_N/start; the vision tower
-#   once for every world, in OUT/tower.
-# The recipes, each STEPS steps of PROMPTS prompts x G samples from that model, lr 3e-4 after a linear warm-up
-# over the first 20% of the steps, T 1.0,
-# full fine-tuning of the language model, each with its paper's reward, prompt, loss and KL (docs/methods.md):
-#   format only  the control: DiVE-k's MCQs, reward = format alone (what GRPO gives with no task signal)
-#   Visual-RFT   exact + format, the open question listing the base classes, GRPO loss, β 0.04
-#   DiVE-k       mine the start's own top-5 answers (8 samples) per training image -> MCQs, mcq + format
-#   SpeciaRL     SpeciaRL's open-world prompt, best-in-group specificity reward, token-mean loss, β 0.01
-#   Fine-R1      CoT SFT (sft.py on the world's rationales), then TAPO from it: DAPO (clip 0.2/0.28, no KL,
-#                dynamic sampling), 0.9 exact + 0.1 format, 4 anchor + 4 positive rollouts, a look-alike
-#                negative (γ 0.01, η 0.03), Fine-R1's open question
-#   CoT SFT+DAPO the same DAPO from the same CoT SFT model without the triplets: TAPO's own contribution
-# Evaluation, every model alike (evaluate.py, greedy): base / novel / HM on the open question listing the
-#   split's classes (DiVE-k's protocol), DiVE-k's two-step (8 samples -> top-5 -> MCQ), the held-out MCQ
-#   (8 options: the corners of an attribute cube), SpeciaRL's open-world correct / specific / spec HM.
-# Why these settings (docs/LOG.md, "a budget at which the recipes learn" and "a start model that knows"):
-#   48 steps of 16 prompts x 8 samples with lr 3e-4 and warm-up (a higher rate destabilised Visual-RFT and
-#   the control), the same for every recipe; the rest is each paper's. When the epithets' meaning depended
-#   on colour and shape (64 facts), the start knew 0.2 of their 2 bits and RL had to teach them from the
-#   reward: a rise at 48 steps sat at two standard errors. With 16 facts the start knows them, and every
-#   recipe's reward rises by several standard errors. It learns them in 1,200 pretraining steps on every world
-#   tried (0 to 4); at 800, world 2's start learned none. Each step's prompts are of distinct classes
-#   (--class_balanced): which classes a step drew was most of its reward's spread. The training reward
-#   compared is that of every completion drawn (grpo.py's reward_drawn: dynamic sampling's kept groups sit
-#   near half right).
-# Two cores, used as two processes of one thread each (a second thread does not speed the tiny model up):
-# the vision tower's images are drawn by a second process, the pretraining runs on two ranks (`launch`,
-# torchrun), and the recipes run in two lanes side by side, each stage one process.
-# Then runs/compare.py prints the table (mean ± std over seeds), each paper's claim beside what these worlds
-# show, and writes OUT/curves.png and OUT/accuracy.png (with matplotlib installed).
+# Vary it with environment variables [default]:
+#   SEEDS="0 1 2"        the world seeds, one folder OUT/seed_N each [0]
+#   WORLD=attributes     the former world: names that spell out the attributes, recipes from an SFT [epithets]
+#   STEPS PROMPTS G      the GRPO budget, the same for every recipe: steps, prompts a step, samples [48 16 8]
+#   NPROC                ranks (torchrun) of the start model's pretraining [2]
+#   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
+#   FAMILY=qwen3         a tiny Qwen3-VL start model instead of Qwen2.5-VL [qwen2.5]
+#   OUT                  the output folder [out/toy; out/toy_qwen3 with FAMILY=qwen3]
+# e.g. SEEDS="0 1 2" bash runs/toy.sh; STEPS=120 PROMPTS=16 bash runs/toy.sh; FAMILY=qwen3 bash runs/toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -111,13 +79,16 @@ timed world "0. the toy world" python -m data.prepare toy --out "$D" --seed "$S"
 # ranks (a start model left by other code would be reported as this code's: delete $W/start to rebuild).
 # Its vision tower learns the attributes, which every seed's world shares: one tower (--seed 0) serves every
 # seed, kept in OUT/tower/KEY, KEY the code that builds it and the world's settings but its seed.
-TOWER_KEY=$( (cat runs/toy_base.py tiny.py vlm.py checkpoint.py data/toy.py data/records.py
+# Both keys hash every source file the models could depend on (all of *.py, data/*.py, runs/toy_base.py), not
+# a hand-written list: a list goes stale (a changed seeding rule in common.py, outside the tower's list, once
+# silently reused a stale tower). Any edit to the code rebuilds the start model.
+TOWER_KEY=$( (cat *.py data/*.py runs/toy_base.py
   python -c 'import json, sys; t = json.load(open(sys.argv[1])); t["config"].pop("seed"); print(json.dumps(t))' \
     "$D/classes.json"; echo "$ARCH") | sha1sum | cut -c 1-16)
 TOWER=$OUT/tower/$TOWER_KEY
 PRETRAIN="--batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 1200"  # the pretraining mix (in the key)
-KEY=$( (cat "$D/classes.json" "$D"/*.jsonl runs/toy_base.py tiny.py sft.py vlm.py engine.py lora.py common.py \
-  checkpoint.py data/records.py; echo "nproc $NPROC $ARCH tower $TOWER_KEY $PRETRAIN") | sha1sum | cut -c 1-16)
+KEY=$( (cat "$D/classes.json" "$D"/*.jsonl *.py data/*.py runs/toy_base.py
+  echo "nproc $NPROC $ARCH tower $TOWER_KEY $PRETRAIN") | sha1sum | cut -c 1-16)
 if [ "$(cat "$W/start/world.sha1" 2>/dev/null)" != "$KEY" ]; then
   rm -rf "$W/vision" "$W/vision.init" "$W/start" "$W/base"
   if [ ! -f "$TOWER/model.safetensors" ]; then  # written atomically: there whole, or not at all
@@ -159,7 +130,7 @@ lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
     --data "$W/mine/mcq.jsonl" --out "$W/format" --reward format --loss grpo --beta 0.04 $BUDGET $RUN $SHORT
   timed eval_format "evaluate format only" evaluate "$W/format/final" format
   timed exact "Visual-RFT: GRPO exact+format, base classes listed" python grpo.py --model "$W/start/final" \
-    --data "$D/train.jsonl" --out "$W/exact" --prompt open_list --reward exact+format --loss grpo --beta 0.04 \
+    --data "$D/train.jsonl" --out "$W/exact" --prompt open --class_list base --reward exact+format --loss grpo --beta 0.04 \
     $BUDGET $RUN $SHORT
   timed eval_exact "evaluate Visual-RFT" evaluate "$W/exact/final" exact
   timed speciarl "SpeciaRL: GRPO on open-world prompts" python grpo.py --model "$W/start/final" \
