@@ -56,6 +56,9 @@ def save_checkpoint(model, processor, path, *, state_dict=None, write_files=None
             with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
                 json.dump(lora.adapter_config(model), f)
         sd = lora.merged_state_dict(model, state_dict)
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never a NaN / inf model on disk, over a good checkpoint or anywhere else
+            raise ValueError(f"not saving {path}: {len(bad)} tensors hold non-finite values ({bad[0]}, ...)")
         model.save_pretrained(tmp, state_dict={k: v.detach().cpu().contiguous() for k, v in sd.items()})
         processor.save_pretrained(tmp)
         make_portable(tmp)
@@ -230,7 +233,11 @@ def _map_paths(settings, change):
 def run_args(args):
     """The run's flags as a checkpoint saves them (JSON: lists, not tuples): path flags resolved, so that a
     resume from another directory compares the same files."""
-    return _map_paths(json.loads(json.dumps(vars(args))), _as_path)
+    return _as_saved(vars(args))
+
+
+def _as_saved(settings):
+    return _map_paths(json.loads(json.dumps(settings)), _as_path)
 
 
 def _compared(settings):
@@ -245,19 +252,24 @@ def _compared(settings):
     return _map_paths(settings, file)
 
 
-def check_resume_args(path, args):
+def check_resume_args(path, args, defaults=None):
     """Refuse to resume the checkpoint at `path` with other settings: the saved optimizer and schedule
     would silently override a new --lr, and a new --lora_r would not fit the saved adapter. Every flag
     but RESUMABLE_CHANGES must be as it was, paths compared as the files they name (`_compared`); the
-    message lists each difference."""
+    message lists each difference. `defaults` ({flag: the parser's default}): a flag newer than the
+    checkpoint, absent from its saved args, was run as its default is, so it is compared as that value;
+    without them such a flag differs from anything."""
     with open(os.path.join(path, "train_state.json")) as f:
         saved = json.load(f)["extra"].get("args") or {}
-    now = run_args(args)
-    then_cmp, now_cmp = _compared(saved), _compared(now)
-    diff = [k for k in sorted(set(saved) | set(now))
+    predates = {k: v for k, v in _as_saved(defaults or {}).items() if k not in saved}
+    then, now = {**predates, **saved}, run_args(args)
+    then_cmp, now_cmp = _compared(then), _compared(now)
+    diff = [k for k in sorted(set(then) | set(now))
             if k not in RESUMABLE_CHANGES and then_cmp.get(k, "(not set)") != now_cmp.get(k, "(not set)")]
     if diff:
-        said = "; ".join(f"--{k} {saved.get(k, '(not set)')} then, {now.get(k, '(not set)')} now" for k in diff)
+        was = lambda k: (f"(not set: the checkpoint predates it, so its default {predates[k]})" if k in predates
+                         else saved.get(k, "(not set)"))
+        said = "; ".join(f"--{k} {was(k)} then, {now.get(k, '(not set)')} now" for k in diff)
         raise SystemExit(f"--resume: {path} was trained with other settings: {said}. Resume with the settings "
                          "it was started with, or give another --out for a new run.")
 

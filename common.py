@@ -7,6 +7,7 @@ The same code runs under `torchrun` (one process per GPU, or gloo processes on a
 import argparse
 import importlib.util
 import json
+import math
 import numbers
 import os
 import random
@@ -31,6 +32,11 @@ def add_runtime_args(ap):
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 on GPUs, fp32 on CPUs. Training keeps fp32 master weights either way")
     ap.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
+
+
+def flag_defaults(ap):
+    """{flag's dest: its default}: what a run that never set a flag ran with (a resume of an older checkpoint)."""
+    return {a.dest: a.default for a in ap._actions if a.dest != "help"}
 
 
 def renamed(ap, old, new):
@@ -68,6 +74,8 @@ def _bounded(kind, ok, rule):
     """An argparse type: `kind(text)`, refused with the rule when `ok` says no (the flag is named by argparse)."""
     def parse(text):
         value = kind(text)
+        if kind is float and not math.isfinite(value):  # an inf or NaN rate, weight or clip makes no run
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -91,17 +99,32 @@ LARGE_IMAGE_TOKENS = 4096  # visual tokens of one image past which memory, not t
 def warn_large_images(records, processor):
     """One warning line, before any work, when images of `records` become more than LARGE_IMAGE_TOKENS visual
     tokens each at the processor's bounds (a Hub checkpoint allows 16,384): the largest, its count and the
-    flag to set, instead of an out-of-memory error later. Reads image headers only."""
-    large = []
-    for path in dict.fromkeys(r[key] for r in records for key in IMAGE_KEYS if r.get(key)):
+    flag to set, instead of an out-of-memory error later. Reads image headers only.
+
+    An image over PIL's decompression-bomb limit does not open at all: one more line names it (its record's
+    file:line and path) and how many there are. Like every image that does not load, data.records.load_image
+    refuses it where the stage loads it, and the stage skips and counts it (an evaluation's `skipped` row)."""
+    large, bombs = [], []
+    srcs = {}  # image path -> the first record naming it
+    for r in records:
+        for key in IMAGE_KEYS:
+            if r.get(key):
+                srcs.setdefault(r[key], r.get("_src", "?"))
+    for path, src in srcs.items():
         try:
             with Image.open(path) as image:
                 w, h = image.size
             n = processor.image_processor.get_number_of_image_patches(h, w) // processor.merge_size ** 2
-        except (OSError, ValueError):  # unreadable or too elongated: refused, or skipped and counted, where loaded
+        except Image.DecompressionBombError as e:  # an Exception, not an OSError: caught by name
+            bombs.append(f"{src}: {path}: {e}")
+            continue
+        except (OSError, SyntaxError, ValueError):  # unreadable or too elongated: named where loaded
             continue
         if n > LARGE_IMAGE_TOKENS:
             large.append((n, path, w, h))
+    if bombs:
+        print0(f"warning: {len(bombs)} image(s) over PIL's decompression-bomb limit will not load and are "
+               f"skipped like any image that does not load; the first: {bombs[0]}")
     if large:
         n, path, w, h = max(large)
         print0(f"warning: {len(large)} image(s) over {LARGE_IMAGE_TOKENS} visual tokens at --max_pixels "
@@ -405,6 +428,23 @@ class JsonlLog:
         self.tracker.close()
 
 
+def as_file(value):
+    """What a path flag names, for comparing two runs: a local file or folder as its real path (absolute, with
+    '..', symlinks and a trailing slash resolved: out/x/final/ and ../x/final from another folder are one
+    model); anything else, such as a Hub id, as typed."""
+    return os.path.realpath(value) if os.path.exists(value) else value
+
+
+def run_flags(args, neutral, paths=("model", "data", "mcq_data", "classes", "verifier_model")):
+    """The flags that shape a pass's rows, as ResumableShards saves and compares them: every flag of
+    `args` but the `neutral` ones, as JSON values, the path flags among `paths` as the files they name."""
+    flags = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in neutral}))
+    for k in paths:
+        if flags.get(k) is not None:
+            flags[k] = [as_file(v) for v in flags[k]] if isinstance(flags[k], list) else as_file(flags[k])
+    return flags
+
+
 class ResumableShards:
     """Results of a (data-parallel) pass over a list of items, kept safe as they are produced.
 
@@ -416,15 +456,43 @@ class ResumableShards:
     the rerun redoes a cut batch whole, batched (and seeded) as an uninterrupted run, which gives the same
     bytes. `merge()` (all ranks call it; rank 0 writes) puts the rows in key order into `path`, atomically,
     and removes the shards.
+
+    `flags` (from `run_flags`: the flags that shape a row) are saved to `{path}.flags.json` before the first
+    row; a rerun whose flags differ from those of the rows saved so far would mix two runs in one output, so
+    it is refused, naming each flag, with the advice to rerun with the same flags or to start over: another
+    --out, or delete `start_over` (default: this pass's own files, `{path}.*`). All ranks construct it.
     """
 
-    def __init__(self, path, d):
+    def __init__(self, path, d, flags=None, start_over=None):
         self.path, self.d = path, d
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder, base = os.path.split(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        if d.is_main:  # left by a kill between atomic_write's write and its rename: never renamed, never read
+            for name in os.listdir(folder):
+                if name.startswith(base + ".") and name.endswith(".partial-tmp"):
+                    os.remove(os.path.join(folder, name))
         self.mine = f"{path}.shard{d.rank}of{d.world_size}.jsonl"
         drop_cut_line(self.mine)  # only its own: another rank may be appending to its shard right now
         self.rows = self._saved_rows()
         self.done = {row["key"] for row in self.rows}
+        self.flags_path = f"{path}.flags.json"
+        if flags is not None:
+            self._save_or_compare(flags, start_over or f"{path}.*")
+
+    def _save_or_compare(self, flags, start_over):
+        if self.rows and os.path.exists(self.flags_path):
+            with open(self.flags_path, encoding="utf-8") as f:
+                then = json.load(f)
+            unset = "(not set)"
+            diff = [k for k in sorted(set(then) | set(flags)) if then.get(k, unset) != flags.get(k, unset)]
+            if diff:
+                said = "; ".join(f"--{k}: {then.get(k, unset)} then, {flags.get(k, unset)} now" for k in diff)
+                raise SystemExit(f"{self.path}: the {len(self.done)} rows saved so far (an unfinished run) "
+                                 f"were made with other flags: {said}. Rerun with the same flags to finish "
+                                 f"that run; to start over instead, use another --out or delete {start_over}")
+        elif self.d.is_main:  # no rows to mix with (or rows of a version that saved no flags): this run's
+            atomic_write(self.flags_path, json.dumps(flags, ensure_ascii=False, indent=1) + "\n")
+        barrier()  # saved before any rank appends a row
 
     def _shard_files(self):
         folder, base = os.path.split(os.path.abspath(self.path))
@@ -451,5 +519,7 @@ class ResumableShards:
         if self.d.is_main:
             for p in self._shard_files():
                 os.remove(p)
+            if os.path.exists(self.flags_path):  # last: flags that a kill leaves without rows are replaced
+                os.remove(self.flags_path)
         barrier()
         return rows

@@ -216,6 +216,14 @@ def decode_step_model(model, tokens, attention_mask, position_ids, cache):
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
+def check_context(model, max_new_tokens, prompt_tokens=0):
+    """Refuse a completion length the model cannot hold: prompt + new tokens beyond its context."""
+    context = getattr(unwrap(model).config.get_text_config(), "max_position_embeddings", None)
+    if context and prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"--max_new_tokens {max_new_tokens}: a prompt of {prompt_tokens} tokens and as many new "
+                         f"ones exceed the model's context of {context} tokens (max_position_embeddings)")
+
+
 @torch.no_grad()
 def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
                        top_k=0, greedy=False, generator=None, eos_token_ids=(), pad_token_id=0,
@@ -232,6 +240,7 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
     """
     G, P = group_size, len(batch)
     device = batch.input_ids.device
+    check_context(model, max_new_tokens, batch.input_ids.shape[1])  # before a cache of that length is allocated
     max_len = batch.input_ids.shape[1] + max_new_tokens
     if cache_kind == "buffer" and "sliding_attention" in getattr(unwrap(model).config.text_config, "layer_types", ()):
         cache_kind = "static"  # the hand-written step has no sliding-window attention

@@ -24,7 +24,7 @@ dataset has novel classes base_acc, novel_acc and hm = 2BN/(B+N) (0 when B+N = 0
 no items). Few-shot tables (all classes base) report plain acc. The mean over datasets averages each
 rate; its hm is the HM of the mean base and mean novel accuracies (CoCoOp's convention), likewise
 hm_inclusion and spec_hm. Images that fail to load are recorded as skipped, counted in `skipped`, and
-left out of every rate.
+left out of every rate (as are those over PIL's decompression-bomb limit, named up front).
 
     python evaluate.py --model out/grpo --data data/toy/test_base.jsonl data/toy/test_novel.jsonl \
         --classes data/toy/classes.json --mode open mcq --out out/eval/grpo
@@ -34,9 +34,9 @@ left out of every rate.
     python evaluate.py --plot out/grpo/log.jsonl --plot_out curves.png  # needs matplotlib (optional)
 
 Outputs in --out, per mode: predictions_<mode>.jsonl, one row per record in --data order: key (index in
-its file), file, mode, model, image, label, dataset, base, completion, answer (parsed), prediction,
-correct, inclusion, format, [category], [options, choice, target], [candidates, fallback, sampled], or
-`skipped`.
+its file), file, mode, model (a folder's real path, or the Hub id), image, label, dataset, base,
+completion, answer (parsed), prediction, correct, inclusion, format, [category], [options, choice,
+target], [candidates, fallback, sampled], or `skipped`.
 metrics_<mode>.json:
     {"mode": "open", "per_dataset": {"cub": {"n", "skipped", "acc", "inclusion", "format",
         "base_n", "novel_n", "base_acc", "novel_acc", "hm", "base_inclusion", "novel_inclusion",
@@ -45,9 +45,13 @@ metrics_<mode>.json:
      "mean": {same keys, + "datasets"}}
 with every rate a fraction in [0, 1] (the table prints percentages).
 
-Resume: each (data file, mode) keeps per-rank shards keyed by record index (common.ResumableShards);
-rerunning the same command skips finished images. Data-parallel results are merged in key order; with
-`--prompts_per_call 1` they are byte-for-byte those of one process (larger batches pad rows differently).
+Resume: each (data file, mode) pass keeps per-rank shards keyed by record index in OUT/parts/
+(common.ResumableShards); rerunning the same command skips finished images. The flags that shape a row are
+saved beside them and a rerun must repeat them (paths as the files they name): every flag but --out,
+--device, --skip_bad, --verifier_cache, --report_to and, as a pass's data file and mode name its parts,
+--data, --mcq_data and --mode (RESUME_NEUTRAL). Another is refused by name before the model loads.
+Data-parallel results are merged in key order; with `--prompts_per_call 1` they are byte-for-byte those of
+one process (larger batches pad rows differently).
 """
 
 import argparse
@@ -63,10 +67,11 @@ import torch
 
 import vlm
 from common import (ResumableShards, Tracker, add_image_args, add_report_args, add_runtime_args,
-                    add_sampling_args, barrier, cleanup, init_distributed, nonnegative_int, option_count, print0,
-                    shard, warn_large_images, write_jsonl)
+                    add_sampling_args, as_file, barrier, cleanup, init_distributed, nonnegative_int,
+                    option_count, print0, run_flags, shard, warn_large_images, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
-from data.records import ImageError, classes_of, listed_classes, load_classes, load_image, read_records, require_fields
+from data.records import (ImageError, NameTable, classes_of, listed_classes, load_classes, load_image, read_records,
+                          require_fields)
 from engine import sample_completions, text_generator
 from mine_topk import build_mcq, mcq_rng, sample_candidates
 from metrics import ClassIndex, compare, compute_metrics, format_table, plot_curves, summary
@@ -131,8 +136,9 @@ class Evaluator:
         rows, ok, images = [], [], []
         for i in idx:
             rec = records[i]
-            row = {"key": i, "file": file, "mode": mode, "model": self.args.model, "image": rec["image"],
-                   "label": rec["label"], "dataset": rec.get("dataset", ""), "base": self.index.is_base(rec)}
+            row = {"key": i, "file": file, "mode": mode, "model": as_file(self.args.model),  # as compared
+                   "image": rec["image"], "label": rec["label"], "dataset": rec.get("dataset", ""),
+                   "base": self.index.is_base(rec)}
             try:
                 images.append(load_image(rec["image"], self.processor.pixel_bounds[1]))
                 ok.append((i, row))
@@ -218,6 +224,24 @@ def make_verifier_for(args, table, d):
     return verifier_for
 
 
+def part_path(parts, mode, path):
+    """Where the (mode, data file) pass keeps its merged rows; its shards and flags go beside them."""
+    tag = hashlib.sha1(as_file(path).encode()).hexdigest()[:8]  # the file itself, however the flag names it
+    return os.path.join(parts, f"{mode}.{stem_of(path)}.{tag}.jsonl")
+
+
+def stem_of(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# The flags that cannot change a row, which a resumed evaluation may change; every other flag must be as it
+# was, --prompts_per_call too (batching changes the padding, hence the greedy answers). --data, --mcq_data
+# and --mode: each pass keeps its own parts, named by its mode and data file; --compare to --plot_keys run
+# no evaluation.
+RESUME_NEUTRAL = {"out", "device", "skip_bad", "verifier_cache", "report_to", "data", "mcq_data", "mode",
+                  "compare", "summary", "names", "plot", "plot_out", "plot_keys"}
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -272,10 +296,12 @@ def main(argv=None):
     d = init_distributed(args.device)
     table = load_classes(args.classes)
     index = ClassIndex(table)
+    names = NameTable()  # one table of names and aliases for every --data and --mcq_data file
+
     def read(paths):
         out = []
         for path in paths:
-            records = read_records(path, skip_bad=args.skip_bad, classes=table)
+            records = read_records(path, skip_bad=args.skip_bad, classes=table, names=names)
             out.append((path, records[:args.limit] if args.limit else records))
         return out
 
@@ -284,6 +310,10 @@ def main(argv=None):
     files_for = {mode: mcq_files if mode == "mcq" else files for mode in args.mode}
     for _, records in files_for.get("mcq", ()):
         require_fields(records, ("options", "answer"), "--mode mcq")
+    # every pass's parts before the model loads: a rerun with other flags is refused at once
+    parts, flags = os.path.join(args.out, "parts"), run_flags(args, RESUME_NEUTRAL)
+    passes = {mode: [(path, records, ResumableShards(part_path(parts, mode, path), d, flags, parts))
+                     for path, records in files_for[mode]] for mode in args.mode}
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     warn_large_images([r for _, records in files + (mcq_files if args.mcq_data else []) for r in records], processor)
     model = vlm.load_model(args.model, d.device, args.dtype)
@@ -291,29 +321,22 @@ def main(argv=None):
                           make_verifier_for(args, table, d) if "open_world" in args.mode else None)
     os.makedirs(args.out, exist_ok=True)
     tracker = Tracker(args.report_to if d.is_main else "none", args.out, vars(args))
-    for mode in args.mode:
-        t0, parts = time.time(), []
-        for path, records in files_for[mode]:
-            tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-            stem = os.path.splitext(os.path.basename(path))[0]
-            shards = ResumableShards(os.path.join(args.out, "parts", f"{mode}.{stem}.{tag}.jsonl"), d)
-            other = {r.get("model") for r in shards.rows} - {args.model}
-            if other:
-                raise SystemExit(f"{args.out} holds unfinished {mode} predictions of another model {other}: "
-                                 "use another --out or delete its parts/ folder")
+    for mode, todo in passes.items():
+        t0 = time.time()
+        for path, records, shards in todo:
             pending = [i for i in shard(list(range(len(records))), d) if i not in shards.done]
             print0(f"[{mode}] {path}: {len(records)} images, {len(shards.done)} done, "
                        f"{len(pending)} to do on rank 0")
             for s in range(0, len(pending), args.prompts_per_call):
-                shards.append(evaluator.predict(mode, records, pending[s:s + args.prompts_per_call], stem))
-            parts.append(shards)
-        rows = [row for shards in parts for row in shards.merge()]  # merge only once every file is done
+                batch = pending[s:s + args.prompts_per_call]
+                shards.append(evaluator.predict(mode, records, batch, stem_of(path)))
+        rows = [row for _, _, shards in todo for row in shards.merge()]  # merge only once every file is done
         if d.is_main:
             write_jsonl(os.path.join(args.out, f"predictions_{mode}.jsonl"), rows)
-            for shards in parts:
+            for _, _, shards in todo:
                 os.remove(shards.path)
-            if not os.listdir(os.path.join(args.out, "parts")):
-                os.rmdir(os.path.join(args.out, "parts"))
+            if not os.listdir(parts):
+                os.rmdir(parts)
             metrics = compute_metrics(rows, table)
             with open(os.path.join(args.out, f"metrics_{mode}.json"), "w", encoding="utf-8") as f:
                 json.dump(metrics, f, indent=1)

@@ -23,7 +23,6 @@ Recipes with the papers' settings: runs/*.sh.
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import time
@@ -37,17 +36,18 @@ import trainer
 import vlm
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_report_args, add_runtime_args, add_sampling_args,
-                    all_reduce_sum, cleanup, init_distributed, nonnegative_float, nonnegative_int,
+                    all_reduce_sum, cleanup, flag_defaults, init_distributed, nonnegative_float, nonnegative_int,
                     positive_float, positive_int, print0, progress, seed_process, unit_interval,
                     warn_large_images)
 from data.prompts import question_for
-from data.records import check_triplets, listed_classes, load_classes, read_records, require_fields
-from engine import text_generator
+from data.records import (NameTable, check_triplets, listed_classes, load_classes, load_confusions,
+                          read_records, require_fields)
+from engine import check_context, text_generator
 from lora import lora_disabled
 from rollouts import Items, Rollouts, StepSampler, collect_rollouts, score_rollouts
 from trainer import used_columns
 
-def parse_args(argv=None):
+def make_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", required=True, help="HF id or folder of the starting policy")
@@ -118,6 +118,11 @@ def parse_args(argv=None):
     add_image_args(ap)
     add_runtime_args(ap)
     add_report_args(ap)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = make_parser()
     args = ap.parse_args(argv)
     if args.prompt == "open_list":
         ap.error("--prompt open_list is now --prompt open --class_list base")
@@ -226,21 +231,19 @@ def tapo_terms(logp, neg_logp, gamma, eta, delta_clamp=20.0, kl_clamp=10.0):
     return -gamma * kl + eta * (-logp), kl
 
 
-def aggregate(token_loss, mask, loss_type, *, ga, l_max, n_tokens, world):
-    """docs/methods.md §4. ga: micro-batches per optimizer step on this rank; n_tokens: completion tokens
-    of the whole optimizer step over all ranks (dapo); gradients are then averaged over `world` ranks."""
+def aggregate(token_loss, mask, loss_type, *, l_max, n_rows, n_tokens, world):
+    """This micro-batch's share of the optimizer step's loss (docs/methods.md §4). Each loss is a sum over the
+    step's rows or tokens divided by a count of the whole step on all ranks (n_rows completions, n_tokens
+    loss tokens), so its gradient does not depend on how the step is cut into micro-batches or ranks; each
+    rank divides by its share of the count (count / world), as DDP then averages the gradients over ranks."""
     loss_type = AGGREGATION.get(loss_type, loss_type)
+    if loss_type == "grpo":  # the mean over the step's completions of each one's token mean
+        return ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (n_rows / world)
     total = (token_loss * mask).sum()
-    if loss_type == "grpo":
-        return ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() / ga
-    if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1) / ga
-    if loss_type == "dr_grpo":
-        return total / (mask.shape[0] * l_max) / ga
-    if loss_type == "dapo":
-        # every rank divides by the same global count (its share of it: DDP then averages over ranks),
-        # so the step's gradient is that of the token mean over all ranks and micro-batches
+    if loss_type in ("bnpo", "dapo"):  # the token mean of the step
         return total / (n_tokens / world)
+    if loss_type == "dr_grpo":  # a constant normaliser: the step's completions x L_max
+        return total / (n_rows * l_max / world)
     raise ValueError(loss_type)
 
 
@@ -306,7 +309,7 @@ def step_targets(r, adv, training, args):
     return StepTargets(r, adv, old, ref, loss_mask)
 
 
-def micro_batch_loss(t, idx, training, args, *, ga, n_tokens, world, first_pass):
+def micro_batch_loss(t, idx, training, args, *, n_rows, n_tokens, world, first_pass):
     """The loss of completions `idx` (its gradient is their share of the step's) and its statistics' sums."""
     r = t.r
     keep = used_columns(r.mask[idx])  # trim the right padding these rows do not use
@@ -332,7 +335,8 @@ def micro_batch_loss(t, idx, training, args, *, ga, n_tokens, world, first_pass)
         extra, kl_neg = tapo_terms(logp, r.neg_logp[idx, :keep], args.gamma, args.eta)
         tok = tok + extra
         stats["tapo_kl"] = float((kl_neg.detach() * lmask).sum())
-    loss = aggregate(tok, lmask, args.loss, ga=ga, l_max=args.max_new_tokens, n_tokens=n_tokens, world=world)
+    loss = aggregate(tok, lmask, args.loss, l_max=args.max_new_tokens, n_rows=n_rows, n_tokens=n_tokens,
+                     world=world)
     stats.update(loss=float(loss.detach()), tokens=float(lmask.sum()),
                  entropy=float((entropy.detach() * lmask).sum()),
                  clip_low=float((low * lmask).sum()), clip_high=float((high * lmask).sum()))
@@ -351,13 +355,15 @@ def update(t, training, args, d):
         for m in range(args.mini_batches):
             rows = t.r.rows_of(groups[m::args.mini_batches])
             micro = [rows[s:s + args.micro_batch_size] for s in range(0, len(rows), args.micro_batch_size)]
-            n_tokens = max(all_reduce_sum([float(t.loss_mask[rows].sum())], d.device)[0], 1.0)  # dapo's
+            # the step's counts on every rank: the losses' normalisers (aggregate)
+            n_rows, n_tokens = all_reduce_sum([float(len(rows)), float(t.loss_mask[rows].sum())], d.device)
             for i, idx in enumerate(micro):
                 last = i == len(micro) - 1  # DDP averages the gradients over ranks once, after the last
                 with (training.trainable.no_sync() if not last and hasattr(training.trainable, "no_sync")
                       else contextlib.nullcontext()), trainer.autocast(d.device, training.bf16):
-                    loss, stats = micro_batch_loss(t, idx, training, args, ga=len(micro), n_tokens=n_tokens,
-                                                   world=d.world_size, first_pass=it == 0)
+                    loss, stats = micro_batch_loss(t, idx, training, args, n_rows=n_rows,
+                                                   n_tokens=max(n_tokens, 1.0), world=d.world_size,
+                                                   first_pass=it == 0)
                 loss.backward()
                 for k, v in stats.items():
                     sums[k] += v
@@ -436,8 +442,9 @@ def main(argv=None):
         raise SystemExit("--num_samples must be >= 2 (and even with --tapo)")
 
     table = load_classes(args.classes) if args.classes else None
+    names = NameTable()  # one table of names and aliases for all the files: two may not share one
     records = [r for p in args.data
-               for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table)]
+               for r in read_records(p, check_images=True, skip_bad=args.skip_bad, classes=table, names=names)]
     # what the reward, the question and TAPO read from every record, checked before the model loads
     require_fields(records, rewards_lib.parse_reward(args.reward).record_fields, f"--reward {args.reward}")
     require_fields(records, ("options",) if args.prompt == "mcq" else (), "--prompt mcq")
@@ -445,15 +452,13 @@ def main(argv=None):
         raise SystemExit(f"--class_list {args.class_list} needs --classes")
     if args.tapo:
         check_triplets(records)
-    confusions = {}
-    if args.confusions:
-        with open(args.confusions) as f:
-            confusions = json.load(f)
+    confusions = load_confusions(args.confusions, table) if args.confusions else {}
     reward_fn = make_reward(args, table, d)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.prompts_per_step))
     training = trainer.setup_training(args, d, steps * args.num_iterations * args.mini_batches,
-                                      reference=args.beta > 0)
+                                      reference=args.beta > 0, defaults=flag_defaults(make_parser()))
     warn_large_images(records, training.processor)
+    check_context(training.policy, args.max_new_tokens)  # up front; each call checks its prompts' width too
     cursor = training.resumed.get("cursor", 0)
     totals = training.resumed.get("totals", {"skipped_updates": 0, "bad_images": 0})
     sampler = StepSampler(Items(records, args.seed, args.class_balanced), training,

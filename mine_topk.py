@@ -32,8 +32,11 @@ faster but change which rows share a generator (and the padding) when the world 
 outputs then agree in distribution only.
 
 Resume. Each rank appends its finished images to its own shard (common.ResumableShards) after every
-batch; rerunning the same command skips finished images. Images that fail to load are skipped and
-counted, never fatal.
+batch; rerunning the same command skips finished images. The flags that shape the MCQs are saved beside
+the shards (OUT.flags.json) and a rerun must repeat them, paths as the files they name: every flag but
+--out, --device and --skip_bad (RESUME_NEUTRAL); another is refused by name before the model loads.
+Images that fail to load (missing, corrupt, over PIL's decompression-bomb limit) are skipped and counted,
+never fatal.
 """
 
 import argparse
@@ -45,7 +48,8 @@ from collections import Counter
 
 import vlm
 from common import (ResumableShards, add_image_args, add_runtime_args, add_sampling_args, cleanup, generator_of,
-                    init_distributed, nonnegative_int, option_count, print0, rng_of, shard, warn_large_images)
+                    init_distributed, nonnegative_int, option_count, print0, rng_of, run_flags, shard,
+                    warn_large_images)
 from data.prompts import open_question
 from data.records import ImageError, listed_classes, load_classes, load_image, read_records, write_records
 from engine import sample_completions
@@ -254,6 +258,11 @@ def print_summary(s, k):
 
 # ----------------------------------------------------------------------------------------------------
 
+# the flags that cannot change a row: a resumed run may change them (every other flag must be as it was;
+# --prompts_per_call too, as it decides which images share a generator)
+RESUME_NEUTRAL = {"out", "device", "skip_bad"}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -286,11 +295,11 @@ def main(argv=None):
     table = load_classes(args.classes)
     records = read_records(args.data, skip_bad=args.skip_bad, classes=table)
     records = records[:args.limit] if args.limit else records
+    shards = ResumableShards(args.out, d, run_flags(args, RESUME_NEUTRAL))  # other flags: refused at once
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     warn_large_images(records, processor)
     model = vlm.load_model(args.model, d.device, args.dtype)
 
-    shards = ResumableShards(args.out, d)
     pending = [i for i in shard(list(range(len(records))), d) if i not in shards.done]
     print0(f"{len(records)} images, {len(shards.done)} already done, {len(pending)} to mine on rank 0 "
            f"({d.world_size} rank(s)), {args.num_samples} samples each")

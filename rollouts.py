@@ -60,8 +60,9 @@ def tapo_images(record, items, confusions, rng):
     positive = record.get("positive") or (rng.choice(others) if others else record["image"])
     negative = record.get("negative")
     if not negative:
-        confused = [c for c, _ in confusions.get(record["label"], []) if c in items.by_class and c != record["label"]]
-        other = confused[0] if confused else rng.choice(sorted(c for c in items.by_class if c != record["label"]))
+        others = sorted(c for c in items.by_class if c != record["label"])
+        confused = [c for c, _ in confusions.get(record["label"], []) if c in others]
+        other = confused[0] if confused else rng.choice(others)
         negative = rng.choice(items.by_class[other])["image"]
     return positive, negative
 
@@ -133,8 +134,8 @@ class Rollouts:
         rows = self.rows_of(groups)
         pick = lambda t: None if t is None else t[rows]
         return Rollouts(self.prompts, [self.prompt_rows[i] for i in rows], self.ids[rows], self.mask[rows],
-                        self.rewards[rows], self.lengths[rows], [self.details[i] for i in rows], self.group_size,
-                        pick(self.neg_logp), self.bad_images, pick(self.sampler_logp))
+                        self.rewards[rows], self.lengths[rows], [self.details[i] for i in rows],
+                        self.group_size, pick(self.neg_logp), self.bad_images, pick(self.sampler_logp))
 
     @staticmethod
     def cat(parts):
@@ -191,10 +192,10 @@ class StepSampler:
                 # samples do not depend on how items are spread over ranks
                 gen = generator_of("rollout", args.seed, first_index + s // per_item, device=device)
                 call = prompts.select(list(range(s, min(s + step, len(images)))))
-                parts.append(sample_completions(training.policy, call, group_size=per_row,
-                                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                top_p=args.top_p, top_k=args.top_k, generator=gen,
-                                                **training.processor.sampling_tokens))
+                parts.append(sample_completions(
+                    training.policy, call, group_size=per_row, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=gen,
+                    **training.processor.sampling_tokens))
         L = max(p.completion_ids.shape[1] for p in parts)
         pad = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)
         ids = torch.cat([pad(p.completion_ids, training.processor.pad_token_id) for p in parts])
@@ -216,7 +217,7 @@ class StepSampler:
         return r
 
     def negative_logprobs(self, r, negatives, questions):
-        """TAPO. Each completion's log-probs under its item's negative (look-alike) image, without gradient."""
+        """TAPO. Each completion's log-probs under its item's negative (look-alike) image, no gradient."""
         neg_prompts = self.training.processor.encode(negatives, questions).to(r.ids.device)
         return score_rollouts(self.training.policy, r, self.args, self.training.bf16, neg_prompts,
                               [i // r.group_size for i in range(len(r))])
@@ -236,8 +237,9 @@ def collect_rollouts(sampler, cursor, d):
 
     Dynamic sampling (DAPO): groups whose rewards are all equal are dropped and more items drawn (all ranks
     draw together) until every rank has its share or --max_resample extra draws were made; then dropped
-    groups fill the gap (advantage 0). An extra draw is as many items per rank as the rank shortest of groups needs at the rate kept so far (at
-    most a full share): a step that misses one group of 16 draws two more, not 16.
+    groups fill the gap (advantage 0). An extra draw is as many items per rank as the rank shortest of
+    groups needs at the rate kept so far (at most a full share): a step that misses one group of 16 draws
+    two more, not 16.
 
     The info's reward_drawn / accuracy_drawn: the means over every completion drawn this step, on every rank.
     The kept groups' reward (the step's reward_mean) is biased toward half right by the filter, and stays
@@ -251,8 +253,9 @@ def collect_rollouts(sampler, cursor, d):
         start = cursor + d.rank * n
         r = sampler.rollout([items[start + i] for i in range(n)], start)
         cursor, draws, groups_drawn = cursor + n * d.world_size, draws + 1, groups_drawn + n * d.world_size
-        drawn = [drawn[0] + float(r.rewards.sum()),
-                 drawn[1] + rewards_lib.summarize(r.details)["accuracy"] * len(r.rewards), drawn[2] + len(r.rewards)]
+        accuracy = rewards_lib.summarize(r.details)["accuracy"]
+        completions = len(r.rewards)
+        drawn = [drawn[0] + float(r.rewards.sum()), drawn[1] + accuracy * completions, drawn[2] + completions]
         if not args.dynamic_sampling:
             return r, cursor, {"draws": 1, "filled_groups": 0, **drawn_means(drawn, d)}
         varied = r.varied_groups()
@@ -261,14 +264,15 @@ def collect_rollouts(sampler, cursor, d):
         n_kept += sum(varied)
         shortfalls = [0.0] * d.world_size
         shortfalls[d.rank] = max(per_rank - n_kept, 0)
-        kept_so_far, *shortfalls = all_reduce_sum([n_kept] + shortfalls, d.device)  # every rank draws together
+        # every rank draws together
+        kept_so_far, *shortfalls = all_reduce_sum([n_kept] + shortfalls, d.device)
         if max(shortfalls) == 0 or draws > args.max_resample:
             break
         rate = max(kept_so_far / groups_drawn, 1 / per_rank)
         n = min(per_rank, math.ceil(max(shortfalls) / rate - 1e-9))
     joined = Rollouts.cat([p for p in kept + dropped if len(p)])
-    return joined.select(range(per_rank)), cursor, {"draws": draws, "filled_groups": max(per_rank - n_kept, 0),
-                                                    **drawn_means(drawn, d)}
+    info = {"draws": draws, "filled_groups": max(per_rank - n_kept, 0), **drawn_means(drawn, d)}
+    return joined.select(range(per_rank)), cursor, info
 
 
 def drawn_means(sums, d):

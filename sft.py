@@ -33,12 +33,12 @@ import trainer
 from checkpoint import save_if_due
 from common import (JsonlLog, add_image_args, add_report_args, add_runtime_args, all_reduce_sum, cleanup,
                     epoch_permutation, init_distributed, nonnegative_int, positive_int, print0, progress,
-                    renamed, seed_process, shard, warn_large_images)
+                    flag_defaults, renamed, seed_process, shard, warn_large_images)
 from data.prompts import question_for
-from data.records import ImageError, listed_classes, load_classes, load_image, read_records
+from data.records import ImageError, NameTable, listed_classes, load_classes, load_image, read_records
 
 
-def parse_args(argv=None):
+def make_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", required=True, help="HF id or folder of the starting checkpoint")
@@ -66,7 +66,11 @@ def parse_args(argv=None):
     add_image_args(ap)
     add_runtime_args(ap)
     add_report_args(ap)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def make_example(record, args, table):
@@ -144,8 +148,10 @@ def main(argv=None):
     table = load_classes(args.classes) if args.classes else None  # labels and aliases are checked against it
     if args.class_list != "none" and table is None:
         raise SystemExit(f"--class_list {args.class_list} needs --classes")
+    names = NameTable()  # one table of names and aliases for --data and --val_data together
     read = lambda paths: [r for p in paths for r in read_records(p, check_images=not args.no_check_images,
-                                                                 skip_bad=args.skip_bad, classes=table)]
+                                                                 skip_bad=args.skip_bad, classes=table,
+                                                                 names=names)]
     records = read(args.data)
     if args.per_class:
         records = first_per_class(records, args.per_class)
@@ -157,7 +163,7 @@ def main(argv=None):
         raise SystemExit(f"{len(train)} training examples < --batch_size {args.batch_size}")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * (len(train) // args.batch_size)))
 
-    training = trainer.setup_training(args, d, total_steps)
+    training = trainer.setup_training(args, d, total_steps, defaults=flag_defaults(make_parser()))
     warn_large_images(records, training.processor)
     skipped_steps = training.resumed.get("skipped_steps", 0)
     print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "

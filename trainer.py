@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import lora
-from common import Dist, barrier, fraction, nonnegative_float, nonnegative_int, positive_float, print0, resolve_dtype
+from common import (Dist, all_reduce_sum, barrier, fraction, nonnegative_float, nonnegative_int,
+                    positive_float, print0, resolve_dtype)
 from vlm import Processor, PromptBatch, load_model
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,12 +113,14 @@ def _mask_for(model, attend, dtype):
     if kind == "sdpa":
         return attend
     if kind == "eager":
-        return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(~attend, torch.finfo(dtype).min)
+        blocked = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+        return blocked.masked_fill(~attend, torch.finfo(dtype).min)
     raise ValueError(f"the shared-prefix forward needs sdpa or eager attention, not {kind!r} "
                      f"(or score one row per completion: --prefix_forward per_row)")
 
 
-def completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows=None, shared_prefix=True):
+def completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows=None,
+                             shared_prefix=True):
     """(N, L, hidden): the last layer's state before each completion token (the one that predicts it).
 
     Per row (the reference): prompt ⊕ completion for each completion, the prompt repeated as often as it
@@ -163,7 +166,8 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_r
     gradient (an entropy bonus), else detached].
     """
     L = completion_ids.shape[1]
-    hidden = completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows, shared_prefix)
+    hidden = completion_hidden_states(model, batch, completion_ids, completion_mask, prompt_rows,
+                                      shared_prefix)
     weight = model.lm_head.weight
     logps, entropies = [], []
     for s in range(0, L, chunk_size):
@@ -184,9 +188,9 @@ def sequence_logprobs(model, batch, completion_ids, completion_mask, *, prompt_r
 class Policy(nn.Module):
     """The model as training sees it, and the module that DDP / FSDP2 wrap.
 
-    `policy(batch, completion_ids, completion_mask, prompt_rows=...)` = `sequence_logprobs`; any other call (the sampler's
-    prefill and decode steps) goes to the Hugging Face model. Both pass through this module's forward,
-    so data-parallel wrappers see every call (FSDP2 gathers its root parameters there)."""
+    `policy(batch, completion_ids, completion_mask, prompt_rows=...)` = `sequence_logprobs`; any other call
+    (the sampler's prefill and decode steps) goes to the Hugging Face model. Both pass through this module's
+    forward, so data-parallel wrappers see every call (FSDP2 gathers its root parameters there)."""
 
     def __init__(self, vlm):
         super().__init__()
@@ -196,12 +200,14 @@ class Policy(nn.Module):
     def config(self):
         return self.vlm.config
 
-    def forward(self, batch=None, completion_ids=None, completion_mask=None, prompt_rows=None, temperature=1.0,
+    def forward(self, batch=None, completion_ids=None, completion_mask=None, prompt_rows=None,
+                temperature=1.0,
                 return_entropy=False, shared_prefix=True, entropy_grad=False, **lm_kwargs):
         if batch is None:
             return self.vlm(**lm_kwargs)
         return sequence_logprobs(self.vlm, batch, completion_ids, completion_mask, prompt_rows=prompt_rows,
-                                 temperature=temperature, return_entropy=return_entropy, shared_prefix=shared_prefix,
+                                 temperature=temperature, return_entropy=return_entropy,
+                                 shared_prefix=shared_prefix,
                                  entropy_grad=entropy_grad)
 
 
@@ -222,7 +228,8 @@ def score_completions(policy, prompts, prompt_rows, ids, mask, *, micro_batch_si
         idx = list(range(s, min(s + micro_batch_size, len(prompt_rows))))
         keep = used_columns(mask[idx])
         with autocast(ids.device, bf16):
-            out[idx, :keep] = policy(prompts, ids[idx, :keep], mask[idx, :keep], [prompt_rows[i] for i in idx],
+            rows = [prompt_rows[i] for i in idx]
+            out[idx, :keep] = policy(prompts, ids[idx, :keep], mask[idx, :keep], rows,
                                      temperature=temperature, shared_prefix=shared_prefix)
     policy.train(was_training)
     return out
@@ -264,7 +271,8 @@ def wrap_policy(model, d, *, fsdp=False, bf16=False):
     policy = Policy(model)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
         for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
@@ -337,22 +345,43 @@ class Training:
     start_step: int = 0
     resumed: dict = field(default_factory=dict)  # the `extra` saved with the checkpoint resumed from
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
+    skipped_in_a_row: int = 0   # updates skipped for a non-finite gradient since the last good one
 
     def optimizer_step(self):
         """Clip, step (unless a gradient is not finite: then nothing reaches the weights), zero the
-        gradients, advance the schedule (always, so a resumed run stays step-exact). Returns the norm."""
+        gradients, advance the schedule (always, so a resumed run stays step-exact). Returns the norm.
+
+        A run stops, before anything is saved, when MAX_SKIPPED updates in a row had a non-finite gradient
+        or when an update leaves a weight non-finite (an optimizer step with an infinite or huge rate)."""
         grad_norm = clip_gradients(self.params, self.max_grad_norm)
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            self.skipped_in_a_row = 0
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # FSDP2: this shard
+            bad = sum(float(not torch.isfinite(p).all()) for p in local)
+            if all_reduce_sum([bad], local[0].device)[0]:  # every rank stops together
+                raise NonFiniteError(f"an update made the weights non-finite (learning rate "
+                                     f"{self.scheduler.get_last_lr()[0]:g}): stopping; they are not saved")
         else:
+            self.skipped_in_a_row += 1
             print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", flush=True)
+            if self.skipped_in_a_row >= MAX_SKIPPED:
+                raise NonFiniteError(f"{MAX_SKIPPED} updates in a row had a non-finite loss or gradient: "
+                                     "stopping (the weights are the last good update's; none is saved)")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm
 
 
+MAX_SKIPPED = 3  # one non-finite gradient is skipped (a rare overflow); a run of them is a broken run
+
+
+class NonFiniteError(SystemExit):
+    """The run produced a non-finite loss, gradient or weight; raised before anything is saved."""
+
+
 def add_training_args(ap, *, lr, schedule, warmup_ratio):
-    """The flags `setup_training` reads (and the length of the run), with the stage's own schedule defaults."""
+    """The flags `setup_training` reads (and the run's length), with the stage's own schedule defaults."""
     a = ap.add_argument
     a("--max_steps", type=nonnegative_int, default=0, help="training steps (0: from --epochs)")
     a("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max_steps)")
@@ -364,28 +393,29 @@ def add_training_args(ap, *, lr, schedule, warmup_ratio):
     a("--lora_r", type=nonnegative_int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora_alpha", type=positive_float, default=32, help="LoRA scale alpha / r")
     a("--lora_dropout", type=fraction, default=0.05, help="dropout on the adapters' input")
-    a("--train_vision", action="store_true", help="also train the vision tower and merger (frozen by default)")
+    a("--train_vision", action="store_true", help="also train the vision tower and merger (else frozen)")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    a("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (full fine-tuning of 7B) instead of DDP")
+    a("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (full fine-tuning of 7B), not DDP")
     a("--save_every", type=nonnegative_int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep", type=nonnegative_int, default=2, help="step checkpoints kept on disk")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 
-def setup_training(args, d, total_updates, reference=False):
+def setup_training(args, d, total_updates, reference=False, defaults=None):
     """load → choose what trains → wrap for data parallelism → optimizer and schedule → resume.
 
     With --resume the newest complete checkpoint in --out is continued: full fine-tuning takes its
     weights, LoRA puts its adapter back on the starting model; optimizer, schedule and RNG are restored.
     `reference`: also load the KL term's reference policy (the starting weights, frozen) for full
-    fine-tuning; with LoRA the reference is the policy itself with its adapters switched off."""
+    fine-tuning; with LoRA the reference is the policy itself with its adapters switched off. `defaults`:
+    the flags' defaults, so that a checkpoint older than a flag resumes at that flag's default."""
     if d.is_main:
         for line in checkpoint.clean_partial(args.out):
             print(line, flush=True)
     barrier()
     resume_from = checkpoint.latest_checkpoint(args.out) if args.resume else None
     if resume_from:
-        checkpoint.check_resume_args(resume_from, args)
+        checkpoint.check_resume_args(resume_from, args, defaults)
     elif args.resume:
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
     bf16 = resolve_dtype(args.dtype, d.device) == torch.bfloat16
@@ -401,7 +431,8 @@ def setup_training(args, d, total_updates, reference=False):
     ref = None
     if reference and not args.lora_r:  # sharded like the policy under FSDP2, a plain copy otherwise
         ref_model = load_model(args.model, where, dtype).requires_grad_(False)
-        _, ref = wrap_policy(ref_model.to(d.device), d if args.fsdp else Dist(device=d.device),  # no DDP: no grads
+        # sharded like the policy under FSDP2; no DDP otherwise: it has no gradients to average
+        _, ref = wrap_policy(ref_model.to(d.device), d if args.fsdp else Dist(device=d.device),
                              fsdp=args.fsdp, bf16=bf16)
         ref.eval()
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -410,6 +441,7 @@ def setup_training(args, d, total_updates, reference=False):
     training = Training(policy, trainable, processor, params, optimizer, scheduler, bf16, ref,
                         max_grad_norm=args.grad_clip)
     if resume_from:
-        training.start_step, training.resumed = checkpoint.load_training_state(resume_from, training, args.fsdp)
+        training.start_step, training.resumed = checkpoint.load_training_state(resume_from, training,
+                                                                                args.fsdp)
         print0(f"resumed from {resume_from} at step {training.start_step}")
     return training

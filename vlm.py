@@ -83,16 +83,38 @@ def model_class(config):
     return getattr(transformers, family(config).model_class)
 
 
+def check_model_path(path):
+    """`path` as a string; a folder that does not exist raises "model folder not found", where transformers
+    would say "Repo id must be in the form ...". Anything that could be a Hub id ("owner/name") passes."""
+    path = str(path)
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
+    if looks_local and not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    return path
+
+
+def check_vision_sizes(path, image_processor, config):
+    """Refuse an image processor whose patching differs from the vision tower's (a Qwen2.5-VL
+    preprocessor_config.json beside a Qwen3-VL model, or the reverse): the tower would fail on the first
+    image with a tensor-size mismatch that names neither file."""
+    vision = config.vision_config
+    sizes = [(getattr(image_processor, a, None), getattr(vision, b, None)) for a, b in
+             (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+              ("merge_size", "spatial_merge_size"))]
+    if any(p is not None and m is not None and p != m for p, m in sizes):
+        said = lambda i: f"patch size {sizes[0][i]}, temporal patch {sizes[1][i]}, merge size {sizes[2][i]}"
+        raise ValueError(f"{os.path.join(path, 'preprocessor_config.json')}: {said(0)}; the model's config.json: "
+                         f"{said(1)} ({config.model_type}): the image processor belongs to another model; copy "
+                         "the model's own preprocessor_config.json")
+
+
 def load_model(path, device="cpu", dtype="fp32", attn="sdpa"):
     """Qwen2.5-VL or Qwen3-VL (by the checkpoint's config) from a Hub id or a local folder, in eval mode."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    path = str(path)
-    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
-    if looks_local and not os.path.isdir(path):  # else transformers says "Repo id must be in the form ..."
-        raise FileNotFoundError(f"model folder not found: {path}")
+    path = check_model_path(path)
     cls = model_class(AutoConfig.from_pretrained(path))
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
@@ -230,6 +252,7 @@ class Processor:
         `token_pixels` of them: the same bounds give Qwen3-VL (32² px a token) fewer tokens than
         Qwen2.5-VL (28²)."""
         from transformers import AutoConfig, AutoTokenizer
+        path = check_model_path(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -237,6 +260,8 @@ class Processor:
             config = None
         model_family = family(config) if config is not None else FAMILIES["qwen2_5_vl"]
         image_processor = image_processor_class().from_pretrained(path)
+        if config is not None:
+            check_vision_sizes(path, image_processor, config)
         lo, hi = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
         # set after loading, not passed to from_pretrained: a config in the Hub's form (top-level
         # min_pixels / max_pixels keys) would override a `size` given there

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import tempfile
+import unicodedata
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -100,9 +101,9 @@ def load_image(path, max_pixels=None):
 # ----------------------------------------------------------------------------------------------
 # reading
 
-def _check_fields(record, known_labels, names):
-    """The reason a parsed record is bad, or None. Types are checked only for the fields we know; an alias
-    must not also name another class in `names` ({normalised name: classes}, see scan_records)."""
+def _check_fields(record, known_labels):
+    """The reason a parsed record is bad, or None. Types are checked only for the fields we know; whether
+    its names clash with another class's is NameTable's business."""
     for key in ("image", "label"):
         if key not in record:
             return f"missing field '{key}'"
@@ -112,6 +113,8 @@ def _check_fields(record, known_labels, names):
     for key in ("image", "label"):
         if not record[key].strip():
             return f"field '{key}' is empty"
+    if not name_key(record["label"]):
+        return f"label {record['label']!r} is nothing once normalised: no answer could name it"
     if "label_id" in record and (type(record["label_id"]) is not int or record["label_id"] < 0):
         return f"field 'label_id' must be a non-negative integer, got {record['label_id']!r}"
     for key in STR_LIST_KEYS:
@@ -131,12 +134,62 @@ def _check_fields(record, known_labels, names):
                 return f"answer {record['answer']!r} is option {option!r}, not the label {record['label']!r}"
     if known_labels is not None and record["label"] not in known_labels:
         return f"unknown label {record['label']!r}"
-    for alias in record.get("aliases") or []:
-        others = sorted(names.get(normalize(alias), set()) - {record["label"]})
-        if others:
-            return (f"alias {alias!r} of {record['label']!r} also names class {others[0]!r}: an answer "
-                    f"{alias!r} would be credited to both")
     return None
+
+
+def name_key(name):
+    """What two classes' names and aliases must not share: reward.normalize's form with the format
+    characters (Unicode Cf: zero-width space, soft hyphen, word joiner, byte-order mark) deleted first.
+    They show nowhere, so 'Tern' and 'Te\u200brn' are one name to a reader and to a model. Empty for a
+    name that normalises to nothing ('???'), which no answer can name."""
+    from reward import normalize  # the one normalisation of names and answers
+    return normalize("".join(ch for ch in str(name) if unicodedata.category(ch) != "Cf"))
+
+
+class NameTable:
+    """Which class each name and alias (by name_key) belongs to, over everything one run reads: its
+    classes.json and every records file, whatever their number and order. An answer naming a class's name
+    or alias is credited to that class, so each may belong to one class only; a check per file would let
+    two files' records (or a label after another record's alias) share one. Give the same table to every
+    read_records call of a run (`names=`)."""
+
+    def __init__(self):
+        self.owners = {}  # name key -> {class label: (what it is there, the name as written, where)}
+
+    def add_classes(self, table):
+        """The class table's names and aliases (all parts of a mixed-domain table); adding it again is
+        harmless. Two of its classes that clash are load_classes' to refuse: here a record is refused
+        when it names either."""
+        for cls in classes_of(table):
+            where = f"classes.json #{cls.get('id')}"
+            self._add(cls["name"], [("name", cls["name"])] + [("alias", a) for a in cls.get("aliases") or []],
+                      where)
+
+    def add_record(self, record, aliases=True):
+        """A good record's label (and, unless `aliases` is False, its aliases) from now on."""
+        self._add(record["label"], self._names(record, aliases), record.get("_src", "?"))
+
+    def clash(self, record, aliases=True):
+        """Why the record's label or an alias (unless `aliases` is False) names another class, or None."""
+        label = record["label"]
+        for kind, name in self._names(record, aliases):
+            others = sorted((other, seen) for other, seen in self.owners.get(name_key(name), {}).items()
+                            if other != label)
+            if others:
+                other, (other_kind, other_name, where) = others[0]
+                what = f"label {name!r}" if kind == "label" else f"alias {name!r} of {label!r}"
+                return (f"{what} also names class {other!r} ({other_kind} {other_name!r} at {where}): "
+                        f"an answer {name!r} would be credited to both")
+        return None
+
+    @staticmethod
+    def _names(record, aliases):
+        return [("label", record["label"])] + [("alias", a) for a in (record.get("aliases") or []) if aliases]
+
+    def _add(self, label, names, where):
+        for kind, name in names:
+            if name_key(name):  # an alias of punctuation alone names nothing
+                self.owners.setdefault(name_key(name), {}).setdefault(label, (kind, name, where))
 
 
 def _utf8(data, path, first_line=1):
@@ -151,20 +204,21 @@ def _utf8(data, path, first_line=1):
                           "save the file as UTF-8") from None
 
 
-def scan_records(path, *, check_images=False, known_labels=None, classes=None, shared_aliases=False):
+def scan_records(path, *, check_images=False, known_labels=None, classes=None, shared_aliases=False,
+                 names=None):
     """Yield (record, None) for each good line and (None, RecordError) for each bad one.
 
     The slow, thorough pass behind read_records and `prepare check`: it goes on after a bad line so a
-    user sees every problem at once. `classes` (a class table) gives the known labels. An alias must not
-    name another class: one of the table's, or (unless `shared_aliases`: a raw manifest, which prepare
-    cleans) one named by an earlier good record's label or aliases.
+    user sees every problem at once. `classes` (a class table) gives the known labels. A label or alias
+    must not name another class (NameTable): one of the table's, or one named by an earlier good record's
+    label or aliases, in this file or, with `names` (a NameTable), in the files read with it before.
+    `shared_aliases` (a raw manifest, which prepare cleans) leaves aliases unchecked; labels still are.
     """
-    from reward import names_of
     path = str(path)
-    names = {}
+    names = NameTable() if names is None else names
     if classes is not None:
         known_labels = set(class_names(classes)) if known_labels is None else known_labels
-        names = name_index(classes)
+        names.add_classes(classes)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: records file not found")
@@ -185,7 +239,7 @@ def scan_records(path, *, check_images=False, known_labels=None, classes=None, s
             if not isinstance(record, dict):
                 yield None, RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
                 continue
-            reason = _check_fields(record, known_labels, names)
+            reason = _check_fields(record, known_labels) or names.clash(record, aliases=not shared_aliases)
             if reason is None:
                 for key in IMAGE_KEYS:  # relative paths are relative to the JSONL file's folder
                     if key in record:
@@ -201,25 +255,25 @@ def scan_records(path, *, check_images=False, known_labels=None, classes=None, s
             if reason is not None:
                 yield None, RecordError(path, number, reason)
                 continue
-            if not shared_aliases:  # a later record's alias must not name this class
-                for name in names_of(record):
-                    names.setdefault(name, set()).add(record["label"])
             record["_src"] = f"{path}:{number}"
+            names.add_record(record, aliases=not shared_aliases)  # a later record must not name this class
             yield record, None
 
 
-def read_records(path, *, check_images=False, skip_bad=False, known_labels=None, classes=None, shared_aliases=False):
+def read_records(path, *, check_images=False, skip_bad=False, known_labels=None, classes=None,
+                 shared_aliases=False, names=None):
     """Read a JSONL records file into a list of dicts.
 
-    Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a missing or mistyped field, an MCQ answer
-    that is not one option's letter or not the label's, a label outside `known_labels` or the class table
-    `classes`, an alias that also names another class (see scan_records), with `check_images` an image that
-    does not decode or that Qwen2.5-VL refuses) raises RecordError "file:line: reason"; with `skip_bad` it
-    is dropped and one summary line goes to stderr.
+    Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a missing or mistyped field, a label that
+    normalises to nothing, an MCQ answer that is not one option's letter or not the label's, a label
+    outside `known_labels` or the class table `classes`, a label or alias that also names another class
+    (see scan_records; `names`: the NameTable of the run's files read so far), with `check_images` an
+    image that does not decode or that Qwen2.5-VL refuses) raises RecordError "file:line: reason"; with
+    `skip_bad` it is dropped and one summary line goes to stderr.
     """
     records, bad, first = [], 0, None
     for record, problem in scan_records(path, check_images=check_images, known_labels=known_labels,
-                                        classes=classes, shared_aliases=shared_aliases):
+                                        classes=classes, shared_aliases=shared_aliases, names=names):
         if record is not None:
             records.append(record)
             continue
@@ -356,16 +410,51 @@ def read_json(path):
         raise RecordError(path, e.lineno, f"invalid JSON ({e.msg})") from None
 
 
+def load_confusions(path, classes=None):
+    """Read mine_topk.py's confusions.json (grpo.py --confusions: TAPO's look-alike negatives) and check
+    it before any work: {class: [[another class, times answered], ...]}, most confused first. A file of
+    another shape would fail mid-run in the rollouts, naming neither the file nor the fault. With a class
+    table `classes`, every name must be one of its classes."""
+    path = str(path)
+    confusions = read_json(path)
+    if not isinstance(confusions, dict):
+        raise ValueError(f"{path}: expected a JSON object mapping each class to a list of [class, count] "
+                         f"pairs (mine_topk.py's confusions.json), got a {type(confusions).__name__}")
+    known = set(class_names(classes)) if classes is not None else None
+    for label, pairs in confusions.items():
+        if known is not None and label not in known:
+            raise ValueError(f"{path}: class {label!r} is not a class of the class table")
+        if not isinstance(pairs, list):
+            raise ValueError(f"{path}: class {label!r}: expected a list of [class, count] pairs, "
+                             f"got a {type(pairs).__name__}")
+        for i, pair in enumerate(pairs, start=1):
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                    and type(pair[1]) is int and pair[1] >= 0):
+                raise ValueError(f"{path}: class {label!r}, pair #{i}: expected [class, count], got {pair!r}")
+            if known is not None and pair[0] not in known:
+                raise ValueError(f"{path}: class {label!r}, pair #{i}: {pair[0]!r} is not a class of the "
+                                 "class table")
+    return confusions
+
+
 def _check_names_differ(path, classes):
-    """Two classes whose names are one once normalised cannot be told apart by an answer: every answer
-    naming one would be credited to both."""
-    from reward import normalize
-    first = {}
+    """Each name and alias must name one class once normalised (name_key): an answer naming two classes
+    would be credited to both. A name that normalises to nothing ('???') no answer could name."""
+    owner = {}  # name key -> index of the first class it names
     for i, cls in enumerate(classes):
-        j = first.setdefault(normalize(cls["name"]), i)
-        if j != i:
-            raise ValueError(f"{path}: classes #{j} {classes[j]['name']!r} and #{i} {cls['name']!r} have the same "
-                             "name: an answer naming it would be credited to both")
+        if not name_key(cls["name"]):
+            raise ValueError(f"{path}: class #{i} {cls['name']!r} is nothing once normalised: no answer "
+                             "could name it")
+        aliases = cls.get("aliases", [])
+        if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+            raise ValueError(f"{path}: class #{i} ({cls['name']!r}): 'aliases' must be a list of strings")
+        for name in [cls["name"]] + aliases:
+            key = name_key(name)
+            j = owner.setdefault(key, i) if key else i
+            if j != i:
+                raise ValueError(f"{path}: classes #{j} {classes[j]['name']!r} and #{i} {cls['name']!r} "
+                                 f"both name {key!r} once normalised: an answer naming it would be credited "
+                                 "to both")
 
 
 def classes_of(table, dataset=None):
@@ -388,13 +477,13 @@ def listed_classes(table, dataset, which):
 
 
 def name_index(table):
-    """{normalised name or alias: the classes it names} over every class of a table (all its parts)."""
-    from reward import normalize  # the one normalisation of names and answers
+    """{name key (name_key) of a name or alias: the classes it names} over every class of a table (all its
+    parts)."""
     index = {}
     for cls in classes_of(table):
         for name in [cls["name"]] + list(cls.get("aliases", [])):
-            if normalize(name):
-                index.setdefault(normalize(name), set()).add(cls["name"])
+            if name_key(name):
+                index.setdefault(name_key(name), set()).add(cls["name"])
     return index
 
 
@@ -402,12 +491,11 @@ def drop_shared_aliases(classes):
     """Remove every alias that normalises to another class's name or alias: an answer naming it would be
     credited to two classes (the mining matcher already calls it ambiguous). Returns [(alias, classes)]."""
     index = name_index({"classes": classes})
-    from reward import normalize
     dropped = []
     for cls in classes:
-        shared = [a for a in cls.get("aliases", []) if len(index.get(normalize(a), ())) > 1]
+        shared = [a for a in cls.get("aliases", []) if len(index.get(name_key(a), ())) > 1]
         for alias in shared:
-            dropped.append((alias, sorted(index[normalize(alias)])))
+            dropped.append((alias, sorted(index[name_key(alias)])))
         cls["aliases"] = [a for a in cls.get("aliases", []) if a not in shared]
     return dropped
 

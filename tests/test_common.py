@@ -128,3 +128,60 @@ def test_a_device_that_is_not_here_is_refused_naming_the_flag(monkeypatch):
     with pytest.raises(SystemExit, match="--device gpu: "):
         common.resolve_device("gpu")
     assert common.resolve_device("auto") == torch.device("cpu") == common.resolve_device("cpu")
+
+
+def test_resumable_shards_refuse_other_flags_by_name_and_forget_them_once_merged(tmp_path):
+    """The flags that shape the rows are saved beside the shards before the first one; a rerun with others
+    would mix two runs in one output, so it is refused naming each flag, and the advice keeps the rows."""
+    path = str(tmp_path / "rows.jsonl")
+    first = common.ResumableShards(path, common.Dist(), flags={"k": 3, "seed": 0, "model": "/m"})
+    first.append([{"key": 0, "v": "a"}])
+    with pytest.raises(SystemExit) as e:
+        common.ResumableShards(path, common.Dist(), flags={"k": 2, "seed": 1, "model": "/m"})
+    message = str(e.value)
+    assert "--k: 3 then, 2 now" in message and "--seed: 0 then, 1 now" in message and "--model" not in message
+    assert "same flags" in message and os.path.exists(first.mine)  # nothing deleted
+    again = common.ResumableShards(path, common.Dist(), flags={"seed": 0, "model": "/m", "k": 3})
+    assert again.done == {0}
+    again.append([{"key": 1, "v": "b"}])
+    assert [r["key"] for r in again.merge()] == [0, 1]
+    assert os.listdir(tmp_path) == ["rows.jsonl"]  # the flags went with the shards
+    fresh = common.ResumableShards(path, common.Dist(), flags={"k": 2})  # nothing unfinished: any flags
+    assert fresh.done == set()
+
+
+def test_run_flags_name_paths_as_the_files_they_name(tmp_path, monkeypatch):
+    """A checkpoint folder with a trailing slash, or reached by a relative path from another directory, is the
+    same --model; a Hub id is kept as typed; neutral flags are left out."""
+    import argparse
+    (tmp_path / "out" / "final").mkdir(parents=True)
+    flags = lambda **kw: common.run_flags(argparse.Namespace(device="cpu", k=3, **kw), neutral={"device"})
+    absolute = flags(model=str(tmp_path / "out" / "final"), data=[str(tmp_path / "out")])
+    monkeypatch.chdir(tmp_path / "out")
+    assert flags(model="final/", data=["../out/"]) == absolute == {
+        "model": str(tmp_path.resolve() / "out" / "final"), "data": [str(tmp_path.resolve() / "out")], "k": 3}
+    assert flags(model="Qwen/Qwen2.5-VL-7B-Instruct", data=None)["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def test_a_kill_before_the_merged_file_is_renamed_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """atomic_write renames its temporary file over the merged file; a kill between the two leaves
+    `rows.jsonl.<random>.partial-tmp`, which the next start removes (only its own: another file's stays)."""
+    path = str(tmp_path / "rows.jsonl")
+    shards = common.ResumableShards(path, common.Dist())
+    shards.append([{"key": 0}])
+
+    class Killed(BaseException):
+        pass
+
+    def die(*args):
+        raise Killed
+    monkeypatch.setattr(os, "replace", die)
+    monkeypatch.setattr(os, "remove", lambda p: None)  # a killed process cleans nothing up
+    with pytest.raises(Killed):
+        shards.merge()
+    monkeypatch.undo()
+    (tmp_path / "other.jsonl.x1.partial-tmp").write_text("not ours")
+    assert [n for n in os.listdir(tmp_path) if n.startswith("rows.jsonl.") and n.endswith(".partial-tmp")]
+    again = common.ResumableShards(path, common.Dist())
+    assert again.done == {0} and [r["key"] for r in again.merge()] == [0]
+    assert sorted(os.listdir(tmp_path)) == ["other.jsonl.x1.partial-tmp", "rows.jsonl"]

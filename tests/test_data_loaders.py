@@ -521,3 +521,17 @@ def test_check_catches_every_record_level_problem_before_a_run(tmp_path, capsys)
                          (6, "answer '' is not one of")]:
         assert f"bad record: {path}:{line}: " in err and reason in err.split(f"{path}:{line}: ")[1].splitlines()[0]
     assert f"{path}:1:" not in err
+
+
+def test_a_manifest_whose_labels_differ_by_an_invisible_character_is_refused(tmp_path):
+    """'Common Tern' and 'Common Te\\u200brn' (a zero-width space pasted in) would become two classes that no
+    answer can tell apart: prepare stops at the second one's line, naming the first's (aliases a raw
+    manifest may still share: prepare drops those, saying so)."""
+    manifest = tmp_path / "manifest.jsonl"
+    jpg(tmp_path / "img" / "a.jpg")
+    rows = [{"image": "img/a.jpg", "label": "Common Tern"},
+            {"image": "img/a.jpg", "label": "Common Te\u200brn"}]
+    text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"manifest.jsonl:2: label 'Common Te\\u200brn' also names class "
+                                          r"'Common Tern' \(label 'Common Tern' at .*manifest.jsonl:1\)"):
+        prepare.main(["jsonl", "--root", str(manifest), "--out", str(tmp_path / "out"), "--setting", "all"])

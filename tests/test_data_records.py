@@ -275,3 +275,100 @@ def test_too_elongated_images_are_named_and_skippable(tmp_path, capsys):
         read_records(path, check_images=True)
     assert len(read_records(path, check_images=True, skip_bad=True)) == 1
     assert "skipped 1 bad record" in capsys.readouterr().err
+
+
+def test_names_and_aliases_are_one_table_across_the_files_of_a_run(tmp_path, capsys):
+    """Two classes' records in two --data files that share an alias: the check per file saw neither clash.
+    One NameTable carried from one read_records call to the next refuses the second record whatever the
+    order of the files, naming both lines; with skip_bad it is dropped like any bad record."""
+    from data.records import NameTable
+    png(tmp_path / "a.png")
+    a = lines(tmp_path / "a.jsonl", [{"image": "a.png", "label": "x", "aliases": ["sea bird"]}])
+    b = lines(tmp_path / "b.jsonl", [{"image": "a.png", "label": "y"}, {"image": "a.png", "label": "y",
+                                                                      "aliases": ["Sea-Bird"]}])
+    assert len(read_records(a)) + len(read_records(b)) == 3  # each file alone is fine
+    table = {"classes": [{"id": 0, "name": "x"}, {"id": 1, "name": "y"}]}
+    for classes in (None, table):
+        names = NameTable()
+        read_records(a, classes=classes, names=names)
+        with pytest.raises(RecordError, match=r"b.jsonl:2: alias 'Sea-Bird' of 'y' also names class 'x' "
+                                              r"\(alias 'sea bird' at .*a.jsonl:1\)"):
+            read_records(b, classes=classes, names=names)
+        names = NameTable()
+        read_records(b, classes=classes, names=names)
+        with pytest.raises(RecordError, match=r"a.jsonl:1: alias 'sea bird' of 'x' also names class 'y' "
+                                              r"\(alias 'Sea-Bird' at .*b.jsonl:2\)"):
+            read_records(a, classes=classes, names=names)
+    names = NameTable()
+    assert len(read_records(a, names=names)) == 1
+    assert [r.get("aliases") for r in read_records(b, skip_bad=True, names=names)] == [None]
+    assert "b.jsonl: skipped 1 bad record(s); first: " in capsys.readouterr().err
+
+
+def test_a_label_that_an_earlier_record_gave_as_an_alias_is_refused(tmp_path):
+    """Without --classes, a record whose label is an earlier record's alias of another class passed: only
+    aliases were checked against the names seen so far. Labels that are one once normalised ('Tern' and
+    'tern') are two classes no answer can tell apart."""
+    png(tmp_path / "a.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "x", "aliases": ["Y"]},
+                                        {"image": "a.png", "label": "y"}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: label 'y' also names class 'x' "
+                                          r"\(alias 'Y' at .*r.jsonl:1\)"):
+        read_records(path)
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "Tern"},
+                                        {"image": "a.png", "label": "tern"}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: label 'tern' also names class 'Tern'"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff"])
+def test_names_that_differ_by_an_invisible_character_are_one_name(tmp_path, invisible):
+    """A zero-width space (a soft hyphen, a word joiner, a byte-order mark: Unicode format characters)
+    shows nowhere, so 'Tern' and 'Te\\u200brn' are one name to a reader and to a model: refused as two
+    classes' names in records, in classes.json, and as an alias of another class."""
+    png(tmp_path / "a.png")
+    hidden = f"Te{invisible}rn"
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "Tern"},
+                                        {"image": "a.png", "label": hidden}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: label .* also names class 'Tern' \(label 'Tern' at "):
+        read_records(path)
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "Gull", "aliases": [hidden]},
+                                        {"image": "a.png", "label": "Tern"}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: label 'Tern' also names class 'Gull'"):
+        read_records(path)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": [{"id": 0, "name": "Tern"},
+                                                                   {"id": 1, "name": hidden}]}))
+    with pytest.raises(ValueError, match="classes #0 'Tern' and #1 .* both name 'tern' once normalised"):
+        load_classes(tmp_path / "classes.json")
+
+
+def test_a_name_of_punctuation_alone_is_refused(tmp_path):
+    """'???' normalises to nothing (reward.normalize deletes punctuation): no answer can ever be credited
+    to it, in records or in classes.json."""
+    png(tmp_path / "a.png")
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "x"}, {"image": "a.png", "label": "???"}])
+    with pytest.raises(RecordError, match=r"r.jsonl:2: label '\?\?\?' is nothing once normalised"):
+        read_records(path)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": [{"id": 0, "name": "x"},
+                                                                   {"id": 1, "name": "?!"}]}))
+    with pytest.raises(ValueError, match=r"classes.json: class #1 '\?!' is nothing once normalised"):
+        load_classes(tmp_path / "classes.json")
+
+
+def test_an_alias_two_classes_share_in_classes_json_is_refused_naming_both(tmp_path):
+    """The class table is the run's table too: an alias of one class that is another's name or alias."""
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": [
+        {"id": 0, "name": "Common Tern", "aliases": ["sea swallow"]},
+        {"id": 1, "name": "Arctic Tern", "aliases": ["Sea-Swallow"]}]}))
+    with pytest.raises(ValueError, match="classes #0 'Common Tern' and #1 'Arctic Tern' both name "
+                                         "'sea swallow'"):
+        load_classes(tmp_path / "classes.json")
+
+
+def test_a_record_clashing_with_the_class_table_names_the_entry(tmp_path):
+    png(tmp_path / "a.png")
+    table = {"classes": [{"id": 0, "name": "x", "aliases": ["sea bird"]}, {"id": 1, "name": "y"}]}
+    path = lines(tmp_path / "r.jsonl", [{"image": "a.png", "label": "y", "aliases": ["Sea bird"]}])
+    with pytest.raises(RecordError, match=r"r.jsonl:1: alias 'Sea bird' of 'y' also names class 'x' "
+                                          r"\(alias 'sea bird' at classes.json #0\)"):
+        read_records(path, classes=table)

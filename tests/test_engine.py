@@ -7,7 +7,7 @@ import engine
 import lora
 import trainer
 import vlm
-from conftest import QUESTIONS
+from conftest import QUESTIONS, random_image
 
 def generate_reference(model, batch, max_new_tokens, eos, pad):
     """transformers' own generate on the same left-padded batch (greedy)."""
@@ -234,3 +234,13 @@ def test_hand_written_step_logits_equal_model_forward(tiny_dir, images, dtype, t
             positions = positions + 1
     assert worst <= tol, worst
     assert first.float().abs().max() > 1.0  # logits of a real size: the tolerance is not vacuous
+
+
+def test_a_length_beyond_the_context_is_refused_before_anything_is_allocated(tiny):
+    """--max_new_tokens 1e9 once tried to allocate terabytes of KV cache before failing without naming a flag."""
+    model, proc = tiny
+    batch = proc.encode([random_image(56, 56, 0)], ["Hi"])
+    context = model.config.get_text_config().max_position_embeddings
+    with pytest.raises(ValueError, match=rf"--max_new_tokens 1000000000: .* context of {context} tokens"):
+        engine.sample_completions(model, batch, max_new_tokens=10 ** 9, **proc.sampling_tokens)
+    engine.check_context(model, context - batch.input_ids.shape[1], batch.input_ids.shape[1])  # just fits

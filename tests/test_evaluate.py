@@ -10,7 +10,7 @@ import metrics as M
 import vlm
 from data.records import load_classes, read_records
 from reward import TaxonomyVerifier, extract_answer
-from test_mine_topk import fake_decode, make_world, run_script
+from test_mine_topk import Interrupted, bomb_png, counting_sampler, fake_decode, make_world, run_script
 
 # a mixed-domain table: "toy" is base-to-novel (c, d novel), "fs" is few-shot (every class base)
 TABLE = {"dataset": "mix", "domain": "shape", "classes": [], "parts": {
@@ -220,6 +220,97 @@ def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
     E.main(eval_args(world, str(tmp_path / "b"), "open", extra=["--prompts_per_call", "1"]))
     for name in ("predictions_open.jsonl", "metrics_open.json"):
         assert open(os.path.join(out, name)).read() == open(tmp_path / "b" / name).read()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # resuming: nothing family-specific
+def test_a_rerun_with_other_flags_is_refused_by_name_keeping_the_finished_rows(world, tmp_path, monkeypatch):
+    """A rerun at --max_new_tokens 8 kept the rows sampled at 6: every flag that shapes a row must be as it
+    was, refused by name before the model loads, with advice that deletes nothing; the same flags finish."""
+    import re
+    out = str(tmp_path / "a")
+    args = lambda *extra: eval_args(world, out, "open", "two_step", extra=["--prompts_per_call", "1", *extra])
+    counting_sampler(monkeypatch, E, crash_after=2)
+    with pytest.raises(Interrupted):
+        E.main(args())
+    for extra, said in ((["--max_new_tokens", "8"], "--max_new_tokens: 6 then, 8 now"),
+                        (["--prompts_per_call", "2"], "--prompts_per_call: 1 then, 2 now"),
+                        (["--model", "another/model"], f"--model: {os.path.realpath(world['model'])} then, "
+                                                       "another/model now")):
+        with pytest.raises(SystemExit, match=re.escape(said)) as e:
+            E.main(args(*extra))
+        assert "same flags" in str(e.value) and os.path.isdir(os.path.join(out, "parts"))
+    calls = counting_sampler(monkeypatch, E)
+    E.main(args("--device", "cpu"))  # where it runs does not shape a row
+    assert len(calls) == 5 - 2  # open: 5 readable images, 2 done before the crash (then two_step's)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # resuming: nothing family-specific
+def test_the_same_model_named_another_way_resumes_to_the_same_bytes(world, tmp_path, monkeypatch):
+    """--model out/x/final/ (a trailing slash), or a relative path from another working directory, names the
+    same checkpoint as before the crash: the rerun resumes (it was refused as another model) and the files are
+    those of an uninterrupted run."""
+    model = os.path.realpath(world["model"])
+    run = lambda out, name: E.main(eval_args(dict(world, model=name), out, "open",
+                                             extra=["--prompts_per_call", "1"]))
+    counting_sampler(monkeypatch, E, crash_after=2)
+    with pytest.raises(Interrupted):
+        run(str(tmp_path / "a"), model)
+    counting_sampler(monkeypatch, E, crash_after=1)
+    with pytest.raises(Interrupted):
+        run(str(tmp_path / "a"), model + "/")
+    calls = counting_sampler(monkeypatch, E)
+    monkeypatch.chdir(os.path.dirname(model))
+    parent, name = os.path.split(model)
+    run(str(tmp_path / "a"), os.path.join("..", os.path.basename(parent), name))
+    assert len(calls) == 5 - 2 - 1
+    run(str(tmp_path / "b"), model)
+    for name in ("predictions_open.jsonl", "metrics_open.json"):
+        assert open(tmp_path / "a" / name).read() == open(tmp_path / "b" / name).read()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # reading images: nothing family-specific
+def test_an_image_over_pils_decompression_limit_is_a_skipped_row_named_up_front(world, tmp_path, capsys):
+    """PIL refuses to open an image of 20000x20000 pixels; the up-front size check named nothing and stopped
+    the evaluation. It is now named (file:line and path) and a skipped row, as any image that does not
+    load."""
+    data = os.path.join(world["dir"], "test_base.jsonl")
+    bomb = read_records(data)[0]["image"]
+    bomb_png(bomb)
+    for extra in ([], ["--skip_bad"]):
+        out = tmp_path / f"eval{len(extra)}"
+        E.main(eval_args(world, str(out), "open", extra=extra))
+        printed = capsys.readouterr().out.splitlines()
+        warning = [line for line in printed if line.startswith("warning:") and "decompression" in line]
+        assert len(warning) == 1 and f"{data}:1" in warning[0] and bomb in warning[0]
+        rows = [json.loads(line) for line in open(out / "predictions_open.jsonl")]
+        assert [i for i, r in enumerate(rows) if "skipped" in r] == [0, 4] and bomb in rows[0]["skipped"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # files: nothing family-specific
+def test_a_kill_before_the_merged_part_is_renamed_leaves_nothing_behind(world, tmp_path, monkeypatch):
+    """atomic_write renames its temporary file over the merged part; a kill between the two left
+    parts/<part>.<random>.partial-tmp (and so parts/) for good. The next start removes it."""
+    import common
+
+    class Killed(BaseException):
+        pass
+
+    def die(*args):
+        raise Killed
+    real = common.write_jsonl
+
+    def killed_at_rename(path, rows):
+        monkeypatch.setattr(os, "replace", die)
+        monkeypatch.setattr(os, "remove", lambda p: None)  # a killed process cleans nothing up
+        real(path, rows)
+    monkeypatch.setattr(common, "write_jsonl", killed_at_rename)
+    out = str(tmp_path / "eval")
+    with pytest.raises(Killed):
+        E.main(eval_args(world, out, "open"))
+    monkeypatch.undo()
+    assert [name for name in os.listdir(os.path.join(out, "parts")) if name.endswith(".partial-tmp")]
+    E.main(eval_args(world, out, "open"))
+    assert sorted(os.listdir(out)) == ["metrics_open.json", "predictions_open.jsonl"]
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # sharding the data: nothing family-specific

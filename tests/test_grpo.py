@@ -61,8 +61,9 @@ def loop_token_loss(logp, old, ref, adv, i, t, eps_low, eps_high, beta, loss_typ
     return loss
 
 
-def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, ga, l_max, n_tokens, world, **extra):
-    """The aggregation of docs/methods.md §4, one token at a time."""
+def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, l_max, **extra):
+    """The loss of a whole optimizer step (docs/methods.md §4), one token at a time: whatever micro-batches and
+    ranks the step is cut into, their aggregated losses add up to this."""
     B, L = mask.shape
     total, count, rows = 0.0, 0.0, []
     for i in range(B):
@@ -74,12 +75,10 @@ def loop_loss(logp, old, ref, adv, mask, loss_type, *, eps_low, eps_high, beta, 
         rows.append(row_sum / max(row_count, 1))
         total, count = total + row_sum, count + row_count
     if loss_type in ("grpo", "gspo", "gspo_token"):  # GSPO: the mean of the sequences' losses
-        return sum(rows) / B / ga
-    if loss_type == "bnpo":
-        return total / count / ga
+        return sum(rows) / B
     if loss_type == "dr_grpo":
-        return total / (B * l_max) / ga
-    return total / (n_tokens / world)
+        return total / (B * l_max)
+    return total / count  # bnpo, dapo, cispo: the token mean of the step
 
 
 def random_case(seed, B=4, L=7):
@@ -95,18 +94,18 @@ def random_case(seed, B=4, L=7):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_loss_matches_per_token_loop_with_gradient_accumulation(loss_type, beta):
+@pytest.mark.parametrize("micro", [[[0, 1], [2, 3]], [[0], [1, 2, 3]], [[0, 1, 2], [3]], [[0], [1], [2], [3]]])
+def test_loss_matches_per_token_loop_whatever_the_micro_batches(loss_type, beta, micro):
+    """Micro-batches of any sizes, even ones that do not divide the step, add up to the whole step's loss."""
     logp, old, ref, adv, mask = random_case(0)
     kw = dict(eps_low=0.2, eps_high=0.28, beta=beta)
-    micro = [[0, 1], [2, 3]]  # GA = 2
-    n_tokens = float(mask.sum())
     ours = 0.0
     for rows in micro:
         tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], 0.2, 0.28, beta, ref[rows])
-        ours = ours + grpo.aggregate(tok, mask[rows], loss_type, ga=2, l_max=7, n_tokens=n_tokens, world=1)
+        ours = ours + grpo.aggregate(tok, mask[rows], loss_type, l_max=7, n_rows=4, n_tokens=float(mask.sum()),
+                                     world=1)
     g_ours, = torch.autograd.grad(ours, logp)
-    ref_value = sum(loop_loss(logp[rows], old[rows], ref[rows], adv[rows], mask[rows], loss_type, ga=2, l_max=7,
-                              n_tokens=n_tokens, world=1, **kw) for rows in micro)
+    ref_value = loop_loss(logp, old, ref, adv, mask, loss_type, l_max=7, **kw)
     g_ref, = torch.autograd.grad(ref_value, logp)
     torch.testing.assert_close(ours, ref_value, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-5)
@@ -119,7 +118,7 @@ def test_dapo_over_two_ranks_is_the_token_mean_of_the_whole_step():
     grads = []
     for rank_rows in ([0, 1], [2, 3]):  # each rank: its own rows, the global token count, world = 2
         tok, _, _ = grpo.per_token_loss(logp[rank_rows], old[rank_rows], adv[rank_rows], 0.2, 0.28)
-        loss = grpo.aggregate(tok, mask[rank_rows], "dapo", ga=1, l_max=7, n_tokens=n_tokens, world=2)
+        loss = grpo.aggregate(tok, mask[rank_rows], "dapo", l_max=7, n_rows=4, n_tokens=n_tokens, world=2)
         grads.append(torch.autograd.grad(loss, logp)[0])
     ddp = (grads[0] + grads[1]) / 2  # what DDP's gradient average gives
     tok, _, _ = grpo.per_token_loss(logp, old, adv, 0.2, 0.28)
@@ -152,16 +151,14 @@ def test_every_loss_and_term_matches_the_loop_off_policy_with_gradient_accumulat
     entropy = torch.rand(mask.shape, generator=g).requires_grad_()
     eps_low, eps_high = TEST_CLIPS.get(loss_type, (0.2, 0.28))
     micro, n_tokens = [[0, 1], [2, 3]], float(mask.sum())
-    ours, reference = 0.0, 0.0
+    ours = 0.0
     for rows in micro:
         tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], eps_low, eps_high, 0.04, ref[rows],
                                         loss=loss_type, mask=mask[rows], weight=weight[rows], kl=kl,
                                         entropy=entropy[rows], entropy_coef=0.01)
-        ours = ours + grpo.aggregate(tok, mask[rows], loss_type, ga=2, l_max=7, n_tokens=n_tokens, world=1)
-        reference = reference + loop_loss(logp[rows], old[rows], ref[rows], adv[rows], mask[rows], loss_type,
-                                          eps_low=eps_low, eps_high=eps_high, beta=0.04, ga=2, l_max=7,
-                                          n_tokens=n_tokens, world=1, kl=kl, weight=weight[rows],
-                                          entropy=entropy[rows], coef=0.01)
+        ours = ours + grpo.aggregate(tok, mask[rows], loss_type, l_max=7, n_rows=4, n_tokens=n_tokens, world=1)
+    reference = loop_loss(logp, old, ref, adv, mask, loss_type, eps_low=eps_low, eps_high=eps_high, beta=0.04,
+                          l_max=7, kl=kl, weight=weight, entropy=entropy, coef=0.01)
     g_ours, g_ref = torch.autograd.grad(ours, (logp, entropy)), torch.autograd.grad(reference, (logp, entropy))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_ours, g_ref):
@@ -178,10 +175,10 @@ def test_later_losses_over_two_ranks_are_their_papers_mean_of_the_whole_step(los
     for rows in ([0, 1], [2, 3]):  # each rank: its own rows, one micro-batch, world = 2
         tok, _, _ = grpo.per_token_loss(logp[rows], old[rows], adv[rows], eps_low, eps_high, loss=loss_type,
                                         mask=mask[rows])
-        loss = grpo.aggregate(tok, mask[rows], loss_type, ga=1, l_max=7, n_tokens=n_tokens, world=2)
+        loss = grpo.aggregate(tok, mask[rows], loss_type, l_max=7, n_rows=4, n_tokens=n_tokens, world=2)
         grads.append(torch.autograd.grad(loss, logp)[0])
-    whole = loop_loss(logp, old, ref, adv, mask, loss_type, eps_low=eps_low, eps_high=eps_high, beta=0.0, ga=1,
-                      l_max=7, n_tokens=n_tokens, world=1)
+    whole = loop_loss(logp, old, ref, adv, mask, loss_type, eps_low=eps_low, eps_high=eps_high, beta=0.0,
+                      l_max=7)
     torch.testing.assert_close((grads[0] + grads[1]) / 2, torch.autograd.grad(whole, logp)[0], atol=1e-7, rtol=1e-6)
 
 
@@ -192,7 +189,7 @@ def test_gspo_clips_whole_sequences_and_its_token_form_is_the_same_here():
     out = {}
     for loss_type in ("gspo", "gspo_token"):
         tok, low, high = grpo.per_token_loss(logp, old, adv, 0.05, 0.08, loss=loss_type, mask=mask)
-        value = grpo.aggregate(tok, mask, loss_type, ga=1, l_max=7, n_tokens=float(mask.sum()), world=1)
+        value = grpo.aggregate(tok, mask, loss_type, l_max=7, n_rows=4, n_tokens=float(mask.sum()), world=1)
         out[loss_type] = value, torch.autograd.grad(value, logp)[0]
         assert low[:, 0].tolist() == [True, False, False, False] and high[:, 0].tolist() == [False, False, True, False]
     grad = out["gspo"][1]
@@ -641,3 +638,64 @@ def test_dynamic_sampling_logs_the_reward_of_every_drawn_completion(monkeypatch)
     assert asked == [([0, 1, 2, 3], 0), ([4, 5], 4)] and cursor == 6
     assert info["draws"] == 2 and info["filled_groups"] == 0 and r.rewards.tolist() == [1, 0, 0, 1, 1, 0, 1, 0]
     assert info["reward_drawn"] == pytest.approx(8 / 12)
+
+
+def test_a_malformed_confusions_file_is_named_with_what_is_wrong(tmp_path):
+    """--confusions (mine_topk.py's confusions.json: {class: [[class, times answered], ...]}) is read and
+    checked like classes.json: a JSON list failed at rollouts.tapo_images' `.get`, a string value mid-run,
+    a cp1252 file with a bare UnicodeDecodeError."""
+    from data.records import RecordError, load_confusions
+    table = {"classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+    path = tmp_path / "confusions.json"
+    path.write_text('{\n "a": [["b", 3]],\n "b": []\n}\n')
+    assert load_confusions(path, table) == {"a": [["b", 3]], "b": []}
+    for bad, reason in [
+            ([["a", "b", 3]], "expected a JSON object mapping each class to a list of [class, count] pairs "
+                              "(mine_topk.py's confusions.json), got a list"),
+            ({"a": "b"}, "class 'a': expected a list of [class, count] pairs, got a str"),
+            ({"a": [["b"]]}, "class 'a', pair #1: expected [class, count], got ['b']"),
+            ({"a": [["b", "3"]]}, "class 'a', pair #1: expected [class, count], got ['b', '3']"),
+            ({"a": [["b", -1]]}, "class 'a', pair #1: expected [class, count], got ['b', -1]"),
+            ({"a": [["b", True]]}, "class 'a', pair #1: expected [class, count], got ['b', True]"),
+            ({"a": [["c", 2]]}, "class 'a', pair #1: 'c' is not a class of the class table"),
+            ({"c": []}, "class 'c' is not a class of the class table")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError) as e:
+            load_confusions(path, table)
+        assert str(e.value) == f"{path}: {reason}"
+    assert load_confusions(path) == {"c": []}  # without a class table, any names
+    path.write_bytes(b'{\n "a": [["Caf\xe9", 2]]\n}\n')
+    with pytest.raises(RecordError, match=r"confusions.json:2: not UTF-8 text \(byte 0xe9"):
+        load_confusions(path, table)
+
+
+def test_grpo_refuses_a_malformed_confusions_file_before_the_model_loads(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "a.png")
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"image": "a.png", "label": label}) + "\n" for label in "ab"))
+    classes = {"classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    (tmp_path / "confusions.json").write_text('[["a", "b", 3]]')
+    # refused before the model loads: not "model folder not found"
+    with pytest.raises(ValueError, match="confusions.json: expected a JSON object"):
+        grpo.main(["--model", str(tmp_path / "no_model"), "--data", str(records), "--classes",
+                   str(tmp_path / "classes.json"), "--confusions", str(tmp_path / "confusions.json"),
+                   "--out", str(tmp_path / "out"), "--reward", "exact", "--prompt", "open", "--tapo",
+                   "--device", "cpu"])
+
+
+def test_grpo_checks_names_and_aliases_across_its_data_files(tmp_path):
+    """Two --data files whose records give two classes one alias: each file alone is fine, so the check per
+    file let an answer 'sea bird' be credited to both; grpo refuses it, naming both lines, before loading."""
+    from PIL import Image
+    from data.records import RecordError
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "a.png")
+    for name, label in (("a", "x"), ("b", "y")):
+        record = {"image": "a.png", "label": label, "aliases": ["sea bird"]}
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(record))
+    with pytest.raises(RecordError, match=r"b.jsonl:1: alias 'sea bird' of 'y' also names class 'x' "
+                                          r"\(alias 'sea bird' at .*a.jsonl:1\)"):
+        grpo.main(["--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "a.jsonl"),
+                   str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "out"), "--reward", "exact", "--prompt",
+                   "open", "--device", "cpu"])

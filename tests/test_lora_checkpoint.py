@@ -211,3 +211,34 @@ def test_what_a_crash_mid_save_leaves_is_put_right(tmp_path):
     assert (out / "step_000002" / "model.safetensors").read_text() == "step_000002"
     assert len(done) == 3 and any("half-written" in line for line in done)
     assert checkpoint.clean_partial(str(out)) == [] and checkpoint.clean_partial(str(tmp_path / "none")) == []
+
+
+def test_a_checkpoint_older_than_some_flags_resumes_at_their_defaults(tmp_path):
+    """A checkpoint saved before some flags existed lacks them in its saved args: the old code ran as their
+    defaults do, so at their defaults it is the same run and resumes; one set otherwise is refused by name.
+    `defaults` are the parser's (trainer.setup_training passes them); without them every absent flag is
+    refused, as before."""
+    import grpo
+    required = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"),
+                "--out", str(tmp_path)]
+    defaults = vars(grpo.parse_args(required))
+    args = grpo.parse_args(required + ["--lr", "3e-3"])
+    saved = checkpoint.run_args(args)
+    newer = ("class_balanced", "top_k", "prefix_forward", "class_list")  # absent, as an older version wrote
+    for flag in newer:
+        del saved[flag]
+    folder = tmp_path / "step_000002"
+    folder.mkdir()
+    checkpoint.save_train_state(str(folder), step=2, extra={"args": saved})
+    checkpoint.check_resume_args(str(folder), args, defaults=defaults)  # the same run: no error
+    with pytest.raises(SystemExit) as e:
+        later = grpo.parse_args(required + ["--lr", "3e-3", "--top_k", "5"])
+        checkpoint.check_resume_args(str(folder), later, defaults=defaults)
+    assert "--top_k (not set: the checkpoint predates it, so its default 0) then, 5 now" in str(e.value)
+    assert not any(f"--{flag}" in str(e.value) for flag in newer if flag != "top_k")
+    other_lr = grpo.parse_args(required + ["--lr", "1e-3"])
+    with pytest.raises(SystemExit, match=r"--lr 0.003 then, 0.001 now"):  # a flag it saved: as before
+        checkpoint.check_resume_args(str(folder), other_lr, defaults=defaults)
+    with pytest.raises(SystemExit) as e:
+        checkpoint.check_resume_args(str(folder), args)
+    assert all(f"--{flag} (not set) then" in str(e.value) for flag in newer)

@@ -241,6 +241,91 @@ def test_resume_does_not_redo_finished_images(world, tmp_path, monkeypatch):
         assert open(tmp_path / "a" / name).read() == open(tmp_path / "b" / name).read()
 
 
+class Interrupted(Exception):
+    pass
+
+
+def counting_sampler(monkeypatch, module, crash_after=None):
+    """Count the calls of `module`'s sampler; with `crash_after`, the call after so many raises
+    Interrupted (a crash)."""
+    real = getattr(module.sample_completions, "__wrapped__", module.sample_completions)
+    calls = []
+
+    def sampler(*args, **kwargs):
+        calls.append(1)
+        if crash_after is not None and len(calls) > crash_after:
+            raise Interrupted
+        return real(*args, **kwargs)
+    sampler.__wrapped__ = real
+    monkeypatch.setattr(module, "sample_completions", sampler)
+    return calls
+
+
+def bomb_png(path, side=20000):
+    """Overwrite `path` with a PNG whose header claims side x side pixels and holds none: PIL refuses to open
+    it as a decompression bomb (over twice Image.MAX_IMAGE_PIXELS), as it would a real one, at no cost."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # resuming: nothing family-specific
+def test_a_rerun_with_other_flags_is_refused_by_name_and_the_same_model_named_otherwise_resumes(
+        world, tmp_path, monkeypatch):
+    """Killed at --k 3 and rerun at --k 2, the output would mix MCQs of 3 and 2 options: a flag that shapes
+    the rows must be as it was (refused by name, before the model loads, nothing deleted). The model folder
+    named with a trailing slash, by a relative path from another directory, is the same model: it resumes."""
+    import re
+    monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
+    out = str(tmp_path / "a" / "mcq.jsonl")
+    args = lambda *extra: mine_args(world, out, "--prompts_per_call", "1", "--k", "3", *extra)
+    counting_sampler(monkeypatch, M, crash_after=2)
+    with pytest.raises(Interrupted):
+        M.main(args())
+    model = os.path.realpath(world["model"])
+    for extra, said in ((["--k", "2"], "--k: 3 then, 2 now"), (["--seed", "4"], "--seed: 3 then, 4 now"),
+                        (["--num_samples", "2"], "--num_samples: 4 then, 2 now"),
+                        (["--model", "another/model"], f"--model: {model} then, another/model now")):
+        with pytest.raises(SystemExit, match=re.escape(said)) as e:
+            M.main(args(*extra))
+        assert "same flags" in str(e.value)
+    calls = counting_sampler(monkeypatch, M)
+    monkeypatch.chdir(os.path.dirname(model))
+    M.main(args("--model", os.path.basename(model) + "/"))
+    assert len(calls) == 5 - 2  # 5 loadable images, 2 done before the crash
+    M.main(mine_args(world, str(tmp_path / "b" / "mcq.jsonl"), "--prompts_per_call", "1", "--k", "3"))
+    for name in ("mcq.jsonl", "confusions.json"):
+        assert open(tmp_path / "a" / name).read() == open(tmp_path / "b" / name).read()
+    assert sorted(os.listdir(tmp_path / "a")) == ["confusions.json", "mcq.jsonl", "mcq.summary.json"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # reading images: nothing family-specific
+def test_an_image_over_pils_decompression_limit_is_named_and_skipped_like_an_unreadable_one(
+        world, tmp_path, monkeypatch, capsys):
+    """PIL refuses to open an image of 20000x20000 pixels; the up-front size check named nothing and stopped
+    the run. It is now named (file:line and path) and skipped as every image that does not load, --skip_bad
+    or not."""
+    monkeypatch.setattr(vlm.Processor, "decode", fake_decode)
+    data = os.path.join(world["dir"], "train.jsonl")
+    bomb = read_records(data)[0]["image"]
+    bomb_png(bomb)
+    for extra in ([], ["--skip_bad"]):
+        out = tmp_path / f"mine{len(extra)}"
+        M.main(mine_args(world, str(out / "mcq.jsonl"), *extra))
+        printed = capsys.readouterr().out.splitlines()
+        warning = [line for line in printed if line.startswith("warning:") and "decompression" in line]
+        assert len(warning) == 1 and f"{data}:1" in warning[0] and bomb in warning[0]
+        summary = json.load(open(out / "mcq.summary.json"))
+        assert summary["images"] == 6 and summary["skip_reasons"]["image"] == 2  # the bomb, the corrupt file
+        first = summary["skipped_items"][0]
+        assert (first["image"], first["reason"].split(":")[0]) == (bomb, "image")
+
+
 def run_script(args, nproc):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",

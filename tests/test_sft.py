@@ -1,4 +1,5 @@
 """sft.py: the loss masks all but assistant tokens, a tiny model overfits, 2 ranks = 1 rank, resume = no stop."""
+import json
 import os
 import subprocess
 import sys
@@ -190,3 +191,27 @@ def test_per_class_keeps_the_first_records_of_each_label(squares, tmp_path, caps
     sft.main(["--model", model_dir, "--data", doubled, "--out", str(tmp_path / "o"), "--batch_size", "8",
               "--max_steps", "1", "--per_class", "1", "--device", "cpu"])
     assert "8 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+def test_a_checkpoint_saved_before_some_flags_existed_resumes(squares, tmp_path):
+    """An older version saved no --report_to, --prompt or --class_list: at their defaults the run is the same
+    one and --resume continues it (it was refused with one "(not set) then" line per flag); a value other than
+    the default is still refused by name."""
+    _, data, model_dir = squares
+    out = str(tmp_path / "run")
+    flags = ["--model", model_dir, "--data", data, "--out", out, "--save_every", "2", "--batch_size", "8",
+             "--micro_batch_size", "2", "--lr", "1e-3", "--max_steps", "2", "--device", "cpu"]
+    sft.main(flags)
+    state = os.path.join(out, "final", "train_state.json")  # the newest checkpoint, which --resume takes
+    with open(state) as f:
+        saved = json.load(f)
+    for flag in ("report_to", "prompt", "class_list"):
+        del saved["extra"]["args"][flag]
+    with open(state, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(SystemExit, match=r"--prompt \(not set: the checkpoint predates it, so its default auto\) "
+                                         r"then, open now"):
+        sft.main(flags + ["--resume", "--prompt", "open"])
+    sft.main(flags + ["--resume"])
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))

@@ -363,3 +363,28 @@ def test_an_image_of_thousands_of_visual_tokens_is_warned_of_naming_the_flag(tin
     common.warn_large_images(records, vlm.Processor.from_pretrained(tiny_dir, max_pixels=512 * hub_bounds.token_pixels))
     common.warn_large_images(records[:1], hub_bounds)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("load", [vlm.load_model, vlm.Processor.from_pretrained], ids=["model", "processor"])
+def test_a_missing_model_folder_is_named_by_both_loaders(tmp_path, load):
+    """evaluate.py and mine_topk.py load the processor first: `--model no/such/folder` failed inside
+    AutoTokenizer ("Repo id must be in the form ...") before load_model's check was reached."""
+    for missing in ("no/such/folder", str(tmp_path / "run" / "final"), "./final"):
+        with pytest.raises(FileNotFoundError, match=f"model folder not found: {missing}$"):
+            load(missing)
+
+
+def test_a_preprocessor_config_of_the_other_family_is_refused_up_front(tiny_dir, tmp_path, family):
+    """A Qwen3-VL checkpoint with Qwen2.5-VL's preprocessor_config.json (patch 14, not 16), or the reverse,
+    failed inside the vision tower with a tensor-size mismatch: the processor names the file and both
+    patch sizes before any image is encoded."""
+    import shutil
+    folder = str(tmp_path / "mixed")
+    shutil.copytree(tiny_dir, folder)
+    other = {"qwen2_5_vl": "qwen3_vl", "qwen3_vl": "qwen2_5_vl"}[family]
+    tiny._image_processor(other, 64 * 64, 112 * 112).save_pretrained(folder)  # the other family's file
+    mine, theirs = vlm.FAMILIES[family].patch_size, vlm.FAMILIES[other].patch_size
+    with pytest.raises(ValueError, match=rf"{folder}/preprocessor_config.json: patch size {theirs}, "
+                                         rf"temporal patch 2, merge size 2; the model's config.json: "
+                                         rf"patch size {mine}, "):
+        vlm.Processor.from_pretrained(folder)
