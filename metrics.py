@@ -76,7 +76,8 @@ def compute_metrics(predictions, table=None):
                 b, n = _rate(r[key] for r in base), _rate(r[key] for r in novel)
                 m[f"base_{short}"], m[f"novel_{short}"] = b, n
                 m["hm" if short == "acc" else "hm_inclusion"] = harmonic_mean(b, n)
-        sampled = [r["sampled"] for r in done if "sampled" in r]  # two_step (rows resumed from older shards lack it)
+        # two_step's (rows resumed from shards of an older version lack it)
+        sampled = [r["sampled"] for r in done if "sampled" in r]
         if sampled:
             m["sampled"] = sum(sampled) / len(sampled)
         if any("category" in r for r in done):  # open_world
@@ -96,7 +97,8 @@ def compute_metrics(predictions, table=None):
         if hm in mean:
             mean[hm] = harmonic_mean(mean.get(a), mean.get(b))
     modes = sorted({r.get("mode") for r in predictions if r.get("mode")})
-    return {"mode": modes[0] if len(modes) == 1 else "+".join(modes) or None, "per_dataset": per, "mean": mean}
+    mode = modes[0] if len(modes) == 1 else "+".join(modes) or None
+    return {"mode": mode, "per_dataset": per, "mean": mean}
 
 
 TABLE_COLUMNS = [("n", "n"), ("skipped", "skip"), ("acc", "acc"), ("inclusion", "incl"), ("base_acc", "base"),
@@ -120,9 +122,7 @@ def format_table(metrics_list, names):
             v = m.get(k)
             cells.append("-" if v is None else str(int(v)) if k in COUNT_KEYS else f"{100 * v:.2f}")
         body.append([str(name), mode, ds] + cells)
-    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+    return text_table(header, body, left=3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +133,8 @@ def compare(paths, table=None):
     """Metrics recomputed from prediction files (or folders of predictions_*.jsonl), as one table."""
     metrics, names = [], []
     for path in paths:
-        files = sorted(glob.glob(os.path.join(path, "predictions_*.jsonl"))) if os.path.isdir(path) else [path]
+        files = (sorted(glob.glob(os.path.join(path, "predictions_*.jsonl"))) if os.path.isdir(path)
+                 else [path])
         if not files:
             raise SystemExit(f"{path}: no predictions_*.jsonl found")
         for f in files:
@@ -147,7 +148,8 @@ def compare(paths, table=None):
 
 
 SUMMARY_COLUMNS = [  # (mode, metric, header): the headline numbers of each mode
-    ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"), ("open", "acc", "open acc"),
+    ("open", "base_acc", "base"), ("open", "novel_acc", "novel"), ("open", "hm", "HM"),
+    ("open", "acc", "open acc"),
     ("two_step", "acc", "two-step"), ("mcq", "acc", "MCQ"),
     ("open_world", "correctness", "correct"), ("open_world", "specificity", "specific"),
     ("open_world", "spec_hm", "spec HM"),
@@ -175,10 +177,11 @@ def mean_std(values):
     return m, ((sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else None), len(v)
 
 
-def text_table(header, body):
-    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned."""
+def text_table(header, body, left=1):
+    """Rows of cells as aligned text: the first `left` columns left-aligned, the others right-aligned."""
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    fmt = lambda row: "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths)))
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
@@ -239,7 +242,10 @@ def plot_curves(logs, out, keys=None, labels=None):
     present = lambda k: any(isinstance(r.get(k), (int, float)) for r in rows_of)
     numeric = [k for r in rows_of for k, v in r.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")]
-    keys = [k for k in keys if present(k)] if keys else [k for k in PLOT_KEYS if present(k)] or list(dict.fromkeys(numeric))[:6]
+    if keys:
+        keys = [k for k in keys if present(k)]
+    else:
+        keys = [k for k in PLOT_KEYS if present(k)] or list(dict.fromkeys(numeric))[:6]
     if not keys:
         print(f"no numeric keys to plot in {logs}")
         return None
@@ -272,7 +278,8 @@ def plot_curves(logs, out, keys=None, labels=None):
 
 def plot_bars(values, out, keys=("base", "novel", "HM"), title=None):
     """Grouped bars, a group per run: values = {run: {key: [value per seed, in %]}}; bar = the mean, error
-    bar = the standard deviation over seeds (none for one seed). Returns the path, or None without matplotlib."""
+    bar = the standard deviation over seeds (none for one seed). Returns the path, or None without
+    matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -282,7 +289,8 @@ def plot_bars(values, out, keys=("base", "novel", "HM"), title=None):
     for j, key in enumerate(keys):
         stats = [mean_std(values[run].get(key, [])) for run in runs]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(runs))]
-        ax.bar(xs, [m or 0 for m, _, _ in stats], width, yerr=[sd or 0 for _, sd, _ in stats], capsize=2, label=key)
+        ax.bar(xs, [m or 0 for m, _, _ in stats], width, yerr=[sd or 0 for _, sd, _ in stats], capsize=2,
+               label=key)
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(runs, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")

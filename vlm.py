@@ -60,20 +60,22 @@ class Family:
     model_class: str         # transformers' class, by name
     config_class: str
     chat_template: str       # for a checkpoint that carries none
-    patch_size: int          # a visual token covers (patch_size · 2)² pixels: 28² (Qwen2.5-VL), 32² (Qwen3-VL)
+    patch_size: int          # a visual token covers (patch_size·2)² pixels: 28² (Qwen2.5-VL), 32² (Qwen3-VL)
 
 
 FAMILIES = {  # keyed by config.model_type
     "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", QWEN25_CHAT_TEMPLATE,
                          patch_size=14),
-    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", QWEN3_CHAT_TEMPLATE, patch_size=16),
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", QWEN3_CHAT_TEMPLATE,
+                       patch_size=16),
 }
 
 
 def family(config):
     """The Family of a model's config; another model type is refused by name."""
     if config.model_type not in FAMILIES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+        raise ValueError(f"model_type {config.model_type!r} is not supported "
+                         f"(supported: {', '.join(FAMILIES)})")
     return FAMILIES[config.model_type]
 
 
@@ -103,9 +105,9 @@ def check_vision_sizes(path, image_processor, config):
               ("merge_size", "spatial_merge_size"))]
     if any(p is not None and m is not None and p != m for p, m in sizes):
         said = lambda i: f"patch size {sizes[0][i]}, temporal patch {sizes[1][i]}, merge size {sizes[2][i]}"
-        raise ValueError(f"{os.path.join(path, 'preprocessor_config.json')}: {said(0)}; the model's config.json: "
-                         f"{said(1)} ({config.model_type}): the image processor belongs to another model; copy "
-                         "the model's own preprocessor_config.json")
+        raise ValueError(f"{os.path.join(path, 'preprocessor_config.json')}: {said(0)}; the model's "
+                         f"config.json: {said(1)} ({config.model_type}): the image processor belongs to "
+                         "another model; copy the model's own preprocessor_config.json")
 
 
 def load_model(path, device="cpu", dtype="fp32", attn="sdpa"):
@@ -230,7 +232,8 @@ class Processor:
         self.system_prompt = system_prompt
         tok = tokenizer.convert_tokens_to_ids
         self.image_token_id = tok("<|image_pad|>")
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tok("<|endoftext|>")
         self.eos_token_ids = sorted({tok("<|im_end|>"), tok("<|endoftext|>")})
         # tokens a completion must never contain: a sampled <|image_pad|> would make the scorer's forward
         # over prompt + completion count more image tokens than the image has features, and crash
