@@ -33,6 +33,7 @@ import argparse
 import math
 import resource
 import time
+import unittest.mock
 
 import numpy as np
 import torch
@@ -42,10 +43,12 @@ import trainer
 import vlm
 from common import (add_image_args, add_runtime_args, add_sampling_args, generator_of, nonnegative_int, renamed,
                     resolve_device, resolve_dtype, seed_process)
-from engine import sample_completions
+import engine
+from engine import LENGTH_MULTIPLE, ROW_MULTIPLE, STOP_EVERY, choose, round_up, sample_completions
 from tiny import REAL_SHAPES, build_tiny_model, real_shape_config
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
+PEAK_GBS = {"H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # spec
 
 
 def real_shape(name, tiny_dir, dtype, device, text_layers=None, vision_depth=None):
@@ -192,6 +195,79 @@ def matmul_tflops(device, dtype):
     return 2 * n ** 3 / t / 1e12
 
 
+def decode_rows(args, model, proc, batch, dtype, device, ours, variants, contenders, times, outs, first_call,
+                graphs):
+    """The decode steps against the bandwidth limit: today's eager step over the KV buffer, the static step
+    eager, and compiled (on CUDA with and without CUDA graphs); a step's time: (rollout - prefill) / (N - 1).
+    Bytes a step reads: the language model's weights, lm_head once (tied or not), the B embedding rows it
+    gathers (not the whole table), and the KV cache: at the mean context for the buffer step (it attends to
+    the columns written so far), the whole bucket for the static one."""
+    P, G, N, T = args.prompts_per_call, args.num_samples, args.max_new_tokens, batch.input_ids.shape[1]
+    embed = model.get_input_embeddings().weight
+    lm_params = sum(p.numel() for n, p in model.named_parameters()
+                    if ".visual." not in f".{n}" and p is not embed)
+    if model.config.tie_word_embeddings:  # the shared matrix, left out above, is read whole as lm_head
+        lm_params += model.lm_head.weight.numel()
+    tc = model.config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128
+    kv_per_col = tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
+    bw = bandwidth_gbs(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    spec = next((v for k, v in PEAK_GBS.items() if k in name), None)
+    # the sampler alone (top-p sorts the vocabulary), eager and compiled, on logits of the real size
+    logits = torch.randn(P * G, tc.vocab_size, device=device, dtype=dtype)
+    sampling = dict(greedy=False, temperature=args.temperature, top_k=0, top_p=args.top_p,
+                    pad_token_id=proc.pad_token_id)
+    eos, banned = (torch.tensor(ids, dtype=torch.long, device=device) for ids in ([], proc.banned_token_ids))
+    u, done = torch.rand(P * G, device=device), torch.zeros(P * G, dtype=torch.bool, device=device)
+    sampler = lambda fn: timed(lambda: fn(logits, u, done, eos, banned, **sampling), device, args.repeats)[0]
+    t_sampler = {False: sampler(choose), True: sampler(torch.compile(choose, fullgraph=True, dynamic=False))}
+    names, rows, steps = list(contenders), [], {}
+    for label, rollout, fn, static, compiled in variants:
+        t_prefill, _ = timed(lambda: fn(1), device, args.repeats)
+        t_roll = times[names.index(rollout)]
+        steps[label] = step = (t_roll - t_prefill) / max(N - 1, 1)
+        rows_read = round_up(P * G, ROW_MULTIPLE) if static else P * G
+        cols = round_up(T + N, LENGTH_MULTIPLE) if static else T + N / 2
+        step_bytes = (lm_params + rows_read * tc.hidden_size) * dtype.itemsize + rows_read * cols * kv_per_col
+        rate = step_bytes / step / 1e9
+        of_spec = f", {rate / spec * 100:.1f}% of spec {spec:.0f}" if spec else ""
+        syncs = outs[names.index(rollout)].host_syncs if static else N  # eager: one per token
+        extra = f", compile {first_call[label] - t_roll:.1f} s" if compiled else ""
+        share = t_sampler[compiled] / step * 100
+        rows.append((f"decode step, {label}", f"{step * 1e3:.2f} ms, {P * G / step:,.0f} tok/s",
+                     f"{step_bytes / 2 ** 20:,.1f} MiB read, {rate / bw * 100:.1f}% of copy {bw:.0f} GB/s"
+                     + of_spec,
+                     f"{syncs} host syncs/rollout, sampler {share:.0f}% of the step{extra}"))
+    fast = variants[2][0]
+    t_fast = times[names.index(variants[2][1])]
+    rows.append((f"decode step: eager buffer / {fast}", f"{steps['eager buffer'] / steps[fast]:.2f}x",
+                 f"rollout {times[0] / t_fast:.2f}x tok/s", f"{graphs} graph(s) compiled",
+                 f"end checked every {STOP_EVERY} tokens"))
+    if args.agreement:  # greedy, compiled against the eager buffer step (in bf16 rounding may split them)
+        a, b = ours(greedy=True).completion_ids, ours(cache_kind="compiled", greedy=True).completion_ids
+        prefix = (a == b).long().cumprod(1).sum(1).float()  # tokens before a row's first difference
+        rows.append((f"greedy, {fast} vs eager buffer", f"{(prefix == N).sum()}/{len(a)} rows identical",
+                     f"{prefix.mean():.1f} of {N} tokens agree before the first difference", "", ""))
+    return rows
+
+
+def print_table(args, model, dtype, device, batch, rows):
+    """Print the measurements, under a line naming the model, device and shape; returns the device's name."""
+    n_params = sum(p.numel() for p in model.parameters())
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu
+    print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, "
+          f"{str(dtype).removeprefix('torch.')}) on {where}; {args.prompts_per_call} prompts x "
+          f"{args.num_samples} samples x {args.max_new_tokens} new tokens, "
+          f"{math.isqrt(args.max_pixels or 56 ** 2)}px images, prompt {batch.input_ids.shape[1]} tokens")
+    rows = [r + ("",) * (5 - len(r)) for r in rows]
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
+    return where
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -200,6 +276,9 @@ def parse_args(argv=None):
     a("--repeats", type=int, default=5, help="timed runs after a warm-up (best is kept)")
     a("--skip_generate", action="store_true", help="do not time model.generate")
     a("--update_only", action="store_true", help="sample the completions once, time only the update")
+    a("--rollout_only", action="store_true", help="time the rollouts and decode steps, not the update")
+    a("--agreement", action="store_true",
+      help="also decode greedily by the compiled and the eager buffer step: how many tokens agree")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--lora_r", type=int, default=0, help="update with LoRA adapters of this rank, set up as grpo.py does "
                                             "(0: every weight trains, in the model's dtype)")
@@ -224,18 +303,43 @@ def main(argv=None):
     peak_memory_gb(device)
 
     # rollout: ours vs generate, identical work
-    def ours(max_new=N, cache_kind="buffer"):
+    def ours(max_new=N, cache_kind="buffer", greedy=False):
         gen = generator_of("bench", args.seed, device=device)
         return sample_completions(model, batch, group_size=G, max_new_tokens=max_new, temperature=args.temperature,
                                   top_p=args.top_p, generator=gen, eos_token_ids=[], pad_token_id=proc.pad_token_id,
-                                  banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind)
+                                  banned_token_ids=proc.banned_token_ids, cache_kind=cache_kind,
+                                  greedy=greedy)
 
+    cuda = device.type == "cuda"
+    plain = torch.compile(engine.decode_step_static, fullgraph=True, dynamic=False)
+
+    def no_cuda_graphs(max_new=N):  # the compiled step without the CUDA graphs reduce-overhead adds
+        with unittest.mock.patch.object(engine, "compiled_step", lambda device_type: plain):
+            return ours(max_new, "compiled")
+
+    # the decode steps: (label, rollout contender, its function, static step?, compiled?)
+    variants = [("eager buffer", "rollout: ours", ours, False, False),
+                ("eager static", "rollout: ours, static step", lambda n=N: ours(n, "static_eager"), True,
+                 False),
+                ("compiled + CUDA graphs" if cuda else "compiled", "rollout: ours, compiled step",
+                 lambda n=N: ours(n, "compiled"), True, True)]
+    if cuda:
+        variants.append(("compiled", "rollout: ours, compiled, no CUDA graphs", no_cuda_graphs, True, True))
     if args.update_only:
         contenders = {}
         roll = ours()
     else:
+        # a compiled step's first call compiles (once per bucket): its seconds and graphs, before any timing
+        graphs, first_call = torch._dynamo.utils.counters["stats"]["unique_graphs"], {}
+        for label, _, fn, _, compiled in variants:
+            if compiled:
+                first = time.perf_counter()
+                fn()
+                first_call[label] = time.perf_counter() - first
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         contenders = {"rollout: ours": ours, "rollout: ours, StaticCache": lambda: ours(cache_kind="static"),
                       "rollout: ours, DynamicCache": lambda: ours(cache_kind="dynamic")}
+        contenders.update({name: fn for _, name, fn, static, _ in variants if static})
         if not args.skip_generate:
             def hf():
                 return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -256,21 +360,11 @@ def main(argv=None):
         t_ours = times[0]
         if not args.skip_generate:
             rows.append(("rollout: ours / generate", f"{times[-1] / t_ours:.2f}x", "", ""))
+        rows += decode_rows(args, model, proc, batch, dtype, device, ours, variants, contenders, times, outs,
+                            first_call, graphs)
 
-        # decode step against the bandwidth limit
-        t_prefill, _ = timed(lambda: ours(1), device, args.repeats)
-        step = (t_ours - t_prefill) / max(N - 1, 1)
-        lm_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}")
-        if model.config.tie_word_embeddings:  # the tied lm_head is read again at every step
-            lm_params += model.lm_head.weight.numel()
-        tc = model.config.text_config
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # Qwen3-VL-4B: 128, not 80
-        context = batch.input_ids.shape[1] + N / 2
-        kv_bytes = P * G * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * dtype.itemsize
-        step_bytes = lm_params * dtype.itemsize + kv_bytes
-        bw = bandwidth_gbs(device)
-        rows.append(("decode step", f"{step * 1e3:.2f} ms", f"{step_bytes / 2 ** 20:.1f} MiB read",
-                     f"{step_bytes / step / 1e9 / bw * 100:.1f}% of {bw:.0f} GB/s"))
+    if args.rollout_only:
+        return print_table(args, model, dtype, device, batch, rows)
 
     # update: scorer forward + backward over the rollout's completions, each group's prompt encoded once
     # (shared prefix, what grpo.py runs) against once per completion (per row, the reference)
@@ -299,7 +393,6 @@ def main(argv=None):
     modes = {"shared prefix": True, "per row": False}
     times, _ = interleaved([lambda s=s: update(s) for s in modes.values()], device, max(1, args.repeats - 1))
     tokens = P * G * (batch.input_ids.shape[1] + N)  # the positions of one row per completion
-    n_params = sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) or matmul_tflops(device, dtype)
@@ -326,13 +419,7 @@ def main(argv=None):
     rows.append(("update: per row / shared prefix", f"{t_r / t_s:.2f}x faster", f"{f_r / f_s:.2f}x FLOPs",
                  f"vs {peak_label}", f"{a_r / a_s:.2f}x activations"))
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nbench: {args.model or args.shape} ({n_params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}) on {where}; "
-          f"{P} prompts x {G} samples x {N} new tokens, {math.isqrt(args.max_pixels or 56 ** 2)}px images, prompt {batch.input_ids.shape[1]} tokens")
-    rows = [r + ("",) * (5 - len(r)) for r in rows]
-    width = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
+    where = print_table(args, model, dtype, device, batch, rows)
 
     if args.shape != "tiny" and args.model is None and not args.update_only:
         # projected hours of each paper recipe at this device's measured rates (one device)

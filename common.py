@@ -58,6 +58,10 @@ def add_sampling_args(ap, *, num_samples, prompts_per_call, max_new_tokens, top_
     a("--max_new_tokens", type=positive_int, default=max_new_tokens, help="completion length limit in tokens")
     a("--temperature", type=positive_float, default=1.0, help="sampling temperature T")
     a("--top_p", type=probability, default=top_p, help="nucleus sampling mass")
+    a("--decode", default="eager", choices=["eager", "static", "compiled"],
+      help="decode step: eager (the KV buffer step, the reference), static (one shape per bucket, checks "
+           "for the end every 16 tokens, a random stream per row) or compiled (static under torch.compile; "
+           "CUDA graphs on CUDA)")
 
 
 def add_image_args(ap):

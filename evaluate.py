@@ -72,7 +72,7 @@ from common import (ResumableShards, Tracker, add_image_args, add_report_args, a
 from data.prompts import mcq_question, open_question, open_world_question
 from data.records import (ImageError, NameTable, classes_of, listed_classes, load_classes, load_image, read_records,
                           require_fields)
-from engine import sample_completions, text_generator
+from engine import DECODE_KINDS, sample_completions, text_generator
 from mine_topk import build_mcq, mcq_rng, sample_candidates
 from metrics import ClassIndex, compare, compute_metrics, format_table, plot_curves, summary
 from reward import (LETTERS, LLMVerifier, TaxonomyVerifier, extract_answer, format_ok, is_correct, mcq_choice,
@@ -128,7 +128,7 @@ class Evaluator:
         """The model's greedy answers to (image, question) pairs."""
         batch = self.processor.encode(images, questions).to(self.model.device)
         roll = sample_completions(self.model, batch, max_new_tokens=self.args.max_new_tokens, greedy=True,
-                                  **self.processor.sampling_tokens)
+                                  cache_kind=DECODE_KINDS[self.args.decode], **self.processor.sampling_tokens)
         return self.processor.decode(roll.completion_ids, roll.completion_mask)
 
     def predict(self, mode, records, idx, file):
@@ -183,7 +183,8 @@ class Evaluator:
         counts = sample_candidates(self.model, self.processor, recs, self.listed["two_step"], n=args.num_samples,
                                    temperature=args.temperature, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                   prompts_per_call=len(recs), device=self.model.device, indices=keys)
+                                   prompts_per_call=len(recs), device=self.model.device, indices=keys,
+                                   decode=args.decode)
         asks = []
         for i, row, rec, image, c in zip(keys, rows, recs, images, counts):
             c = c if c is not None else Counter()  # (the image was readable a moment ago: practically never)

@@ -52,7 +52,7 @@ from common import (ResumableShards, add_image_args, add_runtime_args, add_sampl
                     warn_large_images)
 from data.prompts import open_question
 from data.records import ImageError, listed_classes, load_classes, load_image, read_records, write_records
-from engine import sample_completions
+from engine import DECODE_KINDS, sample_completions
 from reward import LETTERS, ClassMatcher, extract_answer
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +152,8 @@ def _per_record(x):
 # the candidate step: N samples per image, counted
 
 def candidate_batches(model, processor, records, indices, class_names, valid=None, *, n, temperature=1.0,
-                      top_p=1.0, max_new_tokens=256, seed=0, prompts_per_call=1, device="cpu"):
+                      top_p=1.0, max_new_tokens=256, seed=0, prompts_per_call=1, device="cpu",
+                      decode="eager"):
     """Yield, for each batch of `prompts_per_call` consecutive `indices`, [(index, counts, texts, error)].
 
     `class_names`: the names listed in each prompt (a list, or a function record -> list; entries are names
@@ -178,7 +179,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
             generator = generator_of("mine", seed, batch_idx[0], device=device)
             roll = sample_completions(model, batch, group_size=n, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, generator=generator,
-                                          **processor.sampling_tokens)
+                                          cache_kind=DECODE_KINDS[decode], **processor.sampling_tokens)
             texts = processor.decode(roll.completion_ids, roll.completion_mask)
             for j, i in enumerate(ok):  # prompt-major rows: image j's samples are rows j*n .. j*n+n-1
                 classes = valid(records[i])
@@ -191,7 +192,7 @@ def candidate_batches(model, processor, records, indices, class_names, valid=Non
 
 
 def sample_candidates(model, processor, records, class_names, *, n, temperature, top_p, max_new_tokens, seed,
-                      prompts_per_call, device, valid=None, indices=None):
+                      prompts_per_call, device, valid=None, indices=None, decode="eager"):
     """AnswerCounts per record (None where the image failed to load): the candidate step of mining and of
     two-step inference. `indices` are the records' global item indices (seeding); default 0..len-1."""
     indices = list(range(len(records))) if indices is None else list(indices)
@@ -199,7 +200,8 @@ def sample_candidates(model, processor, records, class_names, *, n, temperature,
     out = {}
     for batch in candidate_batches(model, processor, by_index, indices, class_names, valid, n=n,
                                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                   seed=seed, prompts_per_call=prompts_per_call, device=device):
+                                   seed=seed, prompts_per_call=prompts_per_call, device=device,
+                                   decode=decode):
         out.update({i: counts for i, counts, _, _ in batch})
     return [out[i] for i in indices]
 
@@ -308,7 +310,8 @@ def main(argv=None):
     t0, done = time.time(), 0
     for batch in candidate_batches(model, processor, records, pending, listed, valid, n=args.num_samples,
                                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                   seed=args.seed, prompts_per_call=args.prompts_per_call, device=d.device):
+                                   seed=args.seed, prompts_per_call=args.prompts_per_call, device=d.device,
+                                   decode=args.decode):
         shards.append([mined_row(records[i], i, counts, texts, err, args, table) for i, counts, texts, err in batch])
         done += len(batch)
         if done == len(pending) or done % max(1, len(pending) // 10) < len(batch):

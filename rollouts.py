@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 import reward as rewards_lib
 import trainer
-from common import all_reduce_sum, class_balanced_permutation, epoch_permutation, generator_of, rng_of
+from common import (all_reduce_sum, class_balanced_permutation, epoch_permutation, generator_of, rng_of,
+                    seed_of)
 from data.records import ImageError, load_image
-from engine import sample_completions
+from engine import DECODE_KINDS, sample_completions
 from vlm import PromptBatch
 
 
@@ -188,13 +189,17 @@ class StepSampler:
         with trainer.generation_mode(training.policy), trainer.autocast(device, training.bf16):
             step = args.prompts_per_call * per_item
             for s in range(0, len(images), step):
-                # seeded by the call's first item in the stream: with --prompts_per_call 1 an item's
-                # samples do not depend on how items are spread over ranks
+                rows = list(range(s, min(s + step, len(images))))
+                # eager: seeded by the call's first item in the stream, so with --prompts_per_call 1 an
+                # item's samples do not depend on how items are spread over ranks; static and compiled:
+                # each prompt row by its own item, so they never depend on the batching
                 gen = generator_of("rollout", args.seed, first_index + s // per_item, device=device)
-                call = prompts.select(list(range(s, min(s + step, len(images)))))
+                seeds = None if args.decode == "eager" else [
+                    seed_of("rollout", args.seed, first_index + j // per_item, j % per_item) for j in rows]
                 parts.append(sample_completions(
-                    training.policy, call, group_size=per_row, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=gen,
+                    training.policy, prompts.select(rows), group_size=per_row,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, generator=gen, seeds=seeds, cache_kind=DECODE_KINDS[args.decode],
                     **training.processor.sampling_tokens))
         L = max(p.completion_ids.shape[1] for p in parts)
         pad = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)

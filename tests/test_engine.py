@@ -244,3 +244,157 @@ def test_a_length_beyond_the_context_is_refused_before_anything_is_allocated(tin
     with pytest.raises(ValueError, match=rf"--max_new_tokens 1000000000: .* context of {context} tokens"):
         engine.sample_completions(model, batch, max_new_tokens=10 ** 9, **proc.sampling_tokens)
     engine.check_context(model, context - batch.input_ids.shape[1], batch.input_ids.shape[1])  # just fits
+
+
+# ----------------------------------------------------------------------------------------------------
+# the static decode step (cache kinds "static_eager" and "compiled")
+
+def test_static_step_logits_equal_model_forward(tiny, images):
+    """Teacher-forced, step by step: `static_logits` over a StaticKV bucket (attention over the whole
+    buffer under the mask, grouped queries packed, positions from the write column) against the model's
+    own forward over a DynamicCache, fp32, to 1e-5. Padding rows (the bucket holds 8) are ignored."""
+    from transformers import DynamicCache
+    model, proc = tiny
+    batch = proc.encode(images, QUESTIONS)
+    width, G = batch.input_ids.shape[1], 2
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+                        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
+                        use_cache=True, **{engine.cache_kwarg(): cache})
+        return cache, out.logits[:, -1]
+
+    ref_cache, first = prefill()
+    engine.repeat_cache_rows(ref_cache, G)
+    tc, attn = model.config.text_config, model.model.language_model.layers[0].self_attn
+    kv = engine.StaticKV(tc.num_hidden_layers, 8, tc.num_key_value_heads, 128, attn.head_dim, torch.float32,
+                         "cpu")
+    for t in kv.keys + kv.values:  # an earlier call's columns (finite: a NaN would poison even masked ones)
+        t.normal_(generator=torch.Generator().manual_seed(2))
+    src = kv.fill(prefill()[0], batch.attention_mask, G)
+    n = len(images) * G
+    tokens = torch.randint(10, 200, (n, 8), generator=torch.Generator().manual_seed(0))
+    mask = batch.attention_mask.repeat_interleave(G, 0)
+    positions = batch.next_positions().repeat_interleave(G, 1)
+    pos0 = batch.next_positions().index_select(1, src) - width
+    col = torch.tensor([width])
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            ref = engine.decode_step_model(model, tokens[:, t], mask, positions, ref_cache)
+            padded = torch.cat([tokens[:, t], tokens[:1, t].expand(8 - n)])
+            ours = engine.static_logits(model, padded, pos0, col, kv.keys, kv.values, kv.valid)[:n]
+            worst = max((ours - ref).abs().max().item(), worst)  # NaN first: max keeps it
+            positions, col = positions + 1, col + 1
+    assert worst <= 1e-5, worst
+    assert first.abs().max() > 1.0  # logits of a real size: the tolerance is not vacuous
+
+
+def _eos_of(model, proc, batch):
+    """EOS ids that the rows of a greedy run emit at different steps, so rows end at different steps, all
+    before the end check at step 16 (the loop then stops early and trims)."""
+    free = engine.sample_completions(model, batch, max_new_tokens=30, greedy=True, eos_token_ids=[],
+                                     pad_token_id=proc.pad_token_id)
+    return sorted({free.completion_ids[0, 4].item(), free.completion_ids[1, 9].item(),
+                   free.completion_ids[2, 14].item()})
+
+
+SAMPLING = dict(group_size=2, max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=50)
+OTHER_QUESTIONS = ["Name it.", "What is this?", "Describe the picture in a few words, please, then answer."]
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(tiny):
+    """The compiled step's runs, compiled once per module (and family): greedy with rows ending at
+    different steps, then seeded sampling at two prompt widths of one bucket, the second under
+    fail_on_recompile (a recompile or a graph break raises)."""
+    model, proc = tiny
+    images = [random_image(56, 56, 0), random_image(84, 56, 1), random_image(56, 112, 2)]
+    batch, other = proc.encode(images, QUESTIONS), proc.encode(images, OTHER_QUESTIONS)
+    eos = _eos_of(model, proc, batch)
+    kw = dict(eos_token_ids=eos, pad_token_id=proc.pad_token_id, cache_kind="compiled")
+    greedy = engine.sample_completions(model, batch, max_new_tokens=30, greedy=True, **kw)
+    sampled = engine.sample_completions(model, batch, seeds=[1, 2, 3], **SAMPLING, **kw)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        widened = engine.sample_completions(model, other, seeds=[1, 2, 3], **SAMPLING, **kw)
+    return dict(batch=batch, other=other, eos=eos, greedy=greedy, sampled=sampled, widened=widened)
+
+
+@pytest.mark.parametrize("cache_kind", engine.STATIC_KINDS)
+def test_static_greedy_equals_generate_token_for_token(tiny, compiled_runs, cache_kind):
+    model, proc = tiny
+    batch, eos = compiled_runs["batch"], compiled_runs["eos"]
+    ours = compiled_runs["greedy"] if cache_kind == "compiled" else engine.sample_completions(
+        model, batch, max_new_tokens=30, greedy=True, eos_token_ids=eos, pad_token_id=proc.pad_token_id,
+        cache_kind=cache_kind)
+    ref = generate_reference(model, batch, 30, eos, proc.pad_token_id)
+    lengths = ours.completion_mask.sum(1).long().tolist()
+    assert len(set(lengths)) >= 2 and max(lengths) < 30  # rows end at different steps, all before the limit
+    assert ours.completion_ids.shape[1] == max(lengths)  # trimmed where the eager loop stops
+    for i, n in enumerate(lengths):
+        assert ours.completion_ids[i, :n].tolist() == ref[i, :n].tolist()
+        assert ours.completion_ids[i, n - 1].item() in eos
+        assert (ours.completion_ids[i, n:] == proc.pad_token_id).all()
+    assert ours.host_syncs <= -(-30 // engine.STOP_EVERY)
+
+
+def test_compiled_samples_what_eager_static_samples(tiny, compiled_runs):
+    """Seeded sampling (temperature, top-k, top-p), rows ending at different steps: the compiled step
+    draws the same tokens as the same step uncompiled, log-probs to 1e-5, at both prompt widths."""
+    model, proc = tiny
+    for name, batch in (("sampled", compiled_runs["batch"]), ("widened", compiled_runs["other"])):
+        eager = engine.sample_completions(model, batch, seeds=[1, 2, 3], eos_token_ids=compiled_runs["eos"],
+                                          pad_token_id=proc.pad_token_id, cache_kind="static_eager",
+                                          **SAMPLING)
+        compiled = compiled_runs[name]
+        assert torch.equal(compiled.completion_ids, eager.completion_ids), name
+        assert torch.equal(compiled.completion_mask, eager.completion_mask), name
+        torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+        assert len(set(eager.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    assert compiled_runs["batch"].input_ids.shape[1] != compiled_runs["other"].input_ids.shape[1]
+
+
+def test_static_rows_draw_from_their_own_streams(tiny, images):
+    """A row's samples depend on its prompt's seed, not on the prompts that share its batch; and the
+    seeds matter."""
+    model, proc = tiny
+    kw = dict(eos_token_ids=[], pad_token_id=proc.pad_token_id, cache_kind="static_eager", **SAMPLING)
+    batch = proc.encode(images, QUESTIONS)
+    together = engine.sample_completions(model, batch, seeds=[7, 8, 9], **kw)
+    alone = engine.sample_completions(model, batch.select([1]), seeds=[8], **kw)
+    assert torch.equal(together.completion_ids[2:4], alone.completion_ids)
+    torch.testing.assert_close(together.logprobs[2:4], alone.logprobs, atol=1e-5, rtol=0)
+    assert not torch.equal(alone.completion_ids, engine.sample_completions(
+        model, batch.select([1]), seeds=[5], **kw).completion_ids)
+
+
+def test_static_step_compiles_to_one_graph_across_prompt_widths(tiny, images, monkeypatch):
+    """Two calls with different prompt widths in one bucket: one graph, no graph break (fullgraph)."""
+    from torch._dynamo.testing import CompileCounter
+    model, proc = tiny
+    counter = CompileCounter()
+    step = torch.compile(engine.decode_step_static, backend=counter, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(engine, "compiled_step", lambda device_type: step)
+    kw = dict(eos_token_ids=[], pad_token_id=proc.pad_token_id, cache_kind="compiled", **SAMPLING)
+    a = proc.encode(images, QUESTIONS)
+    b = proc.encode(images, OTHER_QUESTIONS)
+    assert a.input_ids.shape[1] != b.input_ids.shape[1]
+    engine.sample_completions(model, a, seeds=[1, 2, 3], **kw)
+    engine.sample_completions(model, b, seeds=[1, 2, 3], **kw)
+    assert counter.frame_count == 1
+
+
+def test_decode_flag_names_a_cache_kind():
+    """--decode, on every stage that samples: eager (the buffer step) by default, each choice a cache kind."""
+    import argparse
+    from common import add_sampling_args
+    ap = argparse.ArgumentParser()
+    add_sampling_args(ap, num_samples=1, prompts_per_call=1, max_new_tokens=1)
+    assert engine.DECODE_KINDS[ap.parse_args([]).decode] == "buffer"
+    kinds = engine.CACHE_KINDS + engine.STATIC_KINDS
+    for choice in ("eager", "static", "compiled"):
+        assert engine.DECODE_KINDS[ap.parse_args(["--decode", choice]).decode] in kinds

@@ -699,3 +699,17 @@ def test_grpo_checks_names_and_aliases_across_its_data_files(tmp_path):
         grpo.main(["--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "a.jsonl"),
                    str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "out"), "--reward", "exact", "--prompt",
                    "open", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+def test_static_decode_samples_the_same_whatever_the_prompts_per_call(small_world, tmp_path):
+    """--decode static seeds each prompt row by its own stream item, so one prompt per sampler call and
+    four per call draw the same completions (the eager default does so only with --prompts_per_call 1)."""
+    root, model = small_world
+    flags = ["--decode", "static", "--reward", "exact+format", "--prompt", "open", "--data",
+             str(root / "train.jsonl"), "--temperature", "1.0", "--seed", "5"]
+    one = run(small_world, model, tmp_path / "one", "--prompts_per_call", "1", *flags)
+    four = run(small_world, model, tmp_path / "four", "--prompts_per_call", "4", *flags)
+    keys = ("reward_mean", "reward_std", "accuracy", "format", "completion_length")
+    assert [[row[k] for k in keys] for row in one] == [[row[k] for k in keys] for row in four]
+    assert len({row["completion_length"] for row in one}) > 1 or one[0]["reward_std"] > 0  # it did sample
