@@ -70,8 +70,8 @@ from common import (ResumableShards, Tracker, add_image_args, add_report_args, a
                     add_sampling_args, as_file, barrier, cleanup, init_distributed, nonnegative_int,
                     option_count, print0, run_flags, shard, warn_large_images, write_jsonl)
 from data.prompts import mcq_question, open_question, open_world_question
-from data.records import (ImageError, NameTable, classes_of, listed_classes, load_classes, load_image, read_records,
-                          require_fields)
+from data.records import (ImageError, NameTable, classes_of, listed_classes, load_classes, load_image,
+                          read_records, require_fields)
 from engine import DECODE_KINDS, sample_completions, text_generator
 from mine_topk import build_mcq, mcq_rng, sample_candidates
 from metrics import ClassIndex, compare, compute_metrics, format_table, plot_curves, summary
@@ -100,7 +100,8 @@ def judge(rows, records, verifier_for):
     for row, rec in zip(rows, records):
         by_ds[rec.get("dataset", "")].append((row, rec))
     for ds, pairs in by_ds.items():
-        cats = specificity_categories([row["answer"] for row, _ in pairs], [rec for _, rec in pairs], verifier_for(ds))
+        answers, recs = [row["answer"] for row, _ in pairs], [rec for _, rec in pairs]
+        cats = specificity_categories(answers, recs, verifier_for(ds))
         for (row, _), c in zip(pairs, cats):
             row["category"] = c
 
@@ -146,18 +147,21 @@ class Evaluator:
                 row["skipped"] = str(e)  # counted in the metrics, never fatal
             rows.append(row)
         if ok:
-            getattr(self, mode)([i for i, _ in ok], [row for _, row in ok], [records[i] for i, _ in ok], images)
+            keys = [i for i, _ in ok]
+            getattr(self, mode)(keys, [row for _, row in ok], [records[i] for i in keys], images)
         return rows
 
     def open(self, keys, rows, recs, images):
         """The open question (listing the classes of --class_list): the answer is the prediction."""
         listed = self.listed["open"]
-        questions = [open_question(r.get("dataset", ""), [c["name"] for c in listed(r)] or None) for r in recs]
+        questions = [open_question(r.get("dataset", ""), [c["name"] for c in listed(r)] or None)
+                     for r in recs]
         self.fill_open(rows, recs, self.greedy(images, questions))
 
     def open_world(self, keys, rows, recs, images):
         """SpeciaRL's open-world question, each answer judged into a specificity category."""
-        self.fill_open(rows, recs, self.greedy(images, [open_world_question(r.get("dataset", "")) for r in recs]))
+        questions = [open_world_question(r.get("dataset", "")) for r in recs]
+        self.fill_open(rows, recs, self.greedy(images, questions))
         judge(rows, recs, self.verifier_for)
 
     @staticmethod
@@ -180,8 +184,8 @@ class Evaluator:
     def two_step(self, keys, rows, recs, images):
         """DiVE-k's two-step inference: N sampled answers -> the top-k valid names as options -> the MCQ."""
         args = self.args
-        counts = sample_candidates(self.model, self.processor, recs, self.listed["two_step"], n=args.num_samples,
-                                   temperature=args.temperature, top_p=args.top_p,
+        counts = sample_candidates(self.model, self.processor, recs, self.listed["two_step"],
+                                   n=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
                                    prompts_per_call=len(recs), device=self.model.device, indices=keys,
                                    decode=args.decode)
@@ -218,7 +222,8 @@ def make_verifier_for(args, table, d):
     def verifier_for(ds):
         if ds not in cache:
             part = (table.get("parts") or {}).get(ds)
-            taxonomy = TaxonomyVerifier(part or {"domain": table.get("domain"), "classes": classes_of(table, ds)})
+            taxonomy = TaxonomyVerifier(part or {"domain": table.get("domain"),
+                                                 "classes": classes_of(table, ds)})
             path = args.verifier_cache or os.path.join(args.out, "verifier_cache.sqlite")
             cache[ds] = LLMVerifier(generate, path, fallback=taxonomy) if generate else taxonomy
         return cache[ds]
@@ -265,7 +270,8 @@ def parse_args(argv=None):
     a("--verifier_cache", default=None, help="SQLite verdict cache (default OUT/verifier_cache.sqlite)")
     a("--limit", type=nonnegative_int, default=0, help="only the first N records of each file (0 = all)")
     a("--skip_bad", action="store_true", help="drop bad records (and say how many) instead of stopping")
-    add_sampling_args(ap, num_samples=20, prompts_per_call=8, max_new_tokens=512, top_p=0.95)  # two_step samples
+    # the samples of two_step
+    add_sampling_args(ap, num_samples=20, prompts_per_call=8, max_new_tokens=512, top_p=0.95)
     add_image_args(ap)
     add_runtime_args(ap)  # --seed: two_step's candidate sampling and option shuffle
     add_report_args(ap)  # each mode's metrics, as keys like open/mean/hm
@@ -278,7 +284,8 @@ def parse_args(argv=None):
     a("--plot_out", default="curves.png", help="PNG written by --plot")
     a("--plot_keys", nargs="+", default=None, help="log keys to plot (default: the usual ones)")
     args = ap.parse_args(argv)
-    if not (args.compare or args.plot or args.summary) and not all([args.model, args.data, args.classes, args.out]):
+    evaluating = not (args.compare or args.plot or args.summary)
+    if evaluating and not all([args.model, args.data, args.classes, args.out]):
         ap.error("--model, --data, --classes and --out are required (or use --compare / --summary / --plot)")
     return args
 
@@ -316,9 +323,11 @@ def main(argv=None):
     passes = {mode: [(path, records, ResumableShards(part_path(parts, mode, path), d, flags, parts))
                      for path, records in files_for[mode]] for mode in args.mode}
     processor = vlm.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
-    warn_large_images([r for _, records in files + (mcq_files if args.mcq_data else []) for r in records], processor)
+    warn_large_images([r for _, records in files + (mcq_files if args.mcq_data else []) for r in records],
+                      processor)
     model = vlm.load_model(args.model, d.device, args.dtype)
-    evaluator = Evaluator(model, processor, args, index, {m: class_list_for(m, args, table, index) for m in MODES},
+    listed = {m: class_list_for(m, args, table, index) for m in MODES}
+    evaluator = Evaluator(model, processor, args, index, listed,
                           make_verifier_for(args, table, d) if "open_world" in args.mode else None)
     os.makedirs(args.out, exist_ok=True)
     tracker = Tracker(args.report_to if d.is_main else "none", args.out, vars(args))

@@ -82,7 +82,8 @@ def make_example(record, args, table):
     if target == "auto":
         target = "record" if "target" in record else "answer"
     text = record["target"] if target == "record" else f"<answer>{record['label']}</answer>"
-    names = [c["name"] for c in listed_classes(table, record.get("dataset"), args.class_list)] if table else []
+    listed = listed_classes(table, record.get("dataset"), args.class_list) if table else []
+    names = [c["name"] for c in listed]
     return record["image"], question_for(record, mode, names), text
 
 
@@ -106,7 +107,8 @@ def encode_examples(examples, processor, device, max_new_tokens):
 
 
 def global_batch(step, n, batch_size, seed):
-    """The item indices of optimizer step `step` (epochs are seeded permutations, the last partial batch dropped)."""
+    """The item indices of optimizer step `step` (epochs are seeded permutations; a last partial batch is
+    dropped)."""
     per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
     return epoch_permutation(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
@@ -167,7 +169,8 @@ def main(argv=None):
     warn_large_images(records, training.processor)
     skipped_steps = training.resumed.get("skipped_steps", 0)
     print0(f"{len(train)} examples, {total_steps} steps of {args.batch_size}, "
-           f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on {d.world_size} rank(s)")
+           f"{sum(p.numel() for p in training.params) / 1e6:.2f}M trainable parameters on "
+           f"{d.world_size} rank(s)")
 
     log = JsonlLog(os.path.join(args.out, "log.jsonl"), d, training.start_step, report_to=args.report_to,
                    config=vars(args))
@@ -176,15 +179,18 @@ def main(argv=None):
     training.policy.train()
     for step in bar:
         t0 = time.time()
-        mine = global_batch(step, len(train), args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        micro = [encode_examples([train[i] for i in mine[s:s + args.micro_batch_size]], training.processor, d.device,
-                                 args.max_new_tokens) for s in range(0, len(mine), args.micro_batch_size)]
+        step_items = global_batch(step, len(train), args.batch_size, args.seed)
+        mine = step_items[d.rank * per_rank:(d.rank + 1) * per_rank]
+        mbs = args.micro_batch_size
+        micro = [encode_examples([train[i] for i in mine[s:s + mbs]], training.processor, d.device,
+                                 args.max_new_tokens) for s in range(0, len(mine), mbs)]
         micro = [m for m in micro if m[0] is not None]
         if not micro and d.world_size > 1:
             raise RuntimeError("a rank had no loadable example in its share of the batch")
         # the token mean over the global batch: every rank divides by the same count; DDP/FSDP average the
         # gradients over ranks, so multiply by world_size to get the plain sum / N_tok
-        n_tokens, n_bad = all_reduce_sum([sum(float(m[2].sum()) for m in micro), sum(m[3] for m in micro)], d.device)
+        n_tokens, n_bad = all_reduce_sum([sum(float(m[2].sum()) for m in micro), sum(m[3] for m in micro)],
+                                         d.device)
         loss_sum = 0.0
         for i, (batch, ids, mask, _) in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(training.trainable, "no_sync")
@@ -197,11 +203,12 @@ def main(argv=None):
         grad_norm = training.optimizer_step()
         skipped_steps += not math.isfinite(grad_norm)
         loss_sum = all_reduce_sum([loss_sum], d.device)[0]
-        row = {"step": step + 1, "loss": loss_sum, "lr": training.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-               "tokens": n_tokens, "tokens_per_s": n_tokens / (time.time() - t0), "bad_images": n_bad,
-               "skipped_steps": skipped_steps}
+        row = {"step": step + 1, "loss": loss_sum, "lr": training.scheduler.get_last_lr()[0],
+               "grad_norm": grad_norm, "tokens": n_tokens, "tokens_per_s": n_tokens / (time.time() - t0),
+               "bad_images": n_bad, "skipped_steps": skipped_steps}
         if val and ((args.val_every and (step + 1) % args.val_every == 0) or step + 1 == total_steps):
-            row["val_loss"] = validation_loss(training.trainable, val, training.processor, d, args, training.bf16)
+            row["val_loss"] = validation_loss(training.trainable, val, training.processor, d, args,
+                                              training.bf16)
         log.write(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         save_if_due(training, args, d, step + 1, total_steps, {"skipped_steps": skipped_steps})
