@@ -26,9 +26,9 @@ rate; its hm is the HM of the mean base and mean novel accuracies (CoCoOp's conv
 hm_inclusion and spec_hm. Images that fail to load are recorded as skipped, counted in `skipped`, and
 left out of every rate (as are those over PIL's decompression-bomb limit, named up front).
 
-    python evaluate.py --model out/grpo --data data/toy/test_base.jsonl data/toy/test_novel.jsonl \
+    python evaluate.py --model out/grpo/final --data data/toy/test_base.jsonl data/toy/test_novel.jsonl \
         --classes data/toy/classes.json --mode open mcq --out out/eval/grpo
-    torchrun --standalone --nproc_per_node=8 evaluate.py --model out/grpo ...   (same flags)
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model out/grpo/final ...   (same flags)
     python evaluate.py --compare out/eval/sft out/eval/grpo          # one table from prediction files
     python evaluate.py --summary out/eval/sft out/eval/grpo --names SFT GRPO  # a row per folder
     python evaluate.py --plot out/grpo/log.jsonl --plot_out curves.png  # needs matplotlib (optional)

@@ -12,9 +12,9 @@ For every training image (docs/methods.md §3):
      most often first (grpo.py's TAPO mode takes its negatives from it), and `mcq.summary.json` (the
      output's name + .summary.json): the summary that is also printed, with every skipped image.
 
-    python mine_topk.py --model out/sft --data data/toy/train.jsonl --classes data/toy/classes.json \
+    python mine_topk.py --model out/sft/final --data data/toy/train.jsonl --classes data/toy/classes.json \
         --out out/mine/mcq.jsonl --num_samples 20 --k 5 --temperature 1.0 --top_p 0.95 --seed 0
-    torchrun --standalone --nproc_per_node=8 mine_topk.py --model out/sft ...   (same flags)
+    torchrun --standalone --nproc_per_node=8 mine_topk.py --model out/sft/final ...   (same flags)
 
 `--candidates` runs the candidate step of DiVE-k's two-step inference instead (section 3.4): options
 are the model's own top-k (no ground-truth insertion, no random padding, trivial images kept; images
