@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora
-from common import barrier
+from common import as_file, barrier, map_path_flags, run_flags
 
 
 @contextlib.contextmanager
@@ -214,42 +214,18 @@ def clean_partial(out_dir):
 RESUMABLE_CHANGES = {"resume", "out", "device", "save_every", "keep", "skip_bad", "no_check_images",
                      "micro_batch_size", "prompts_per_call", "verifier_cache"}
 # the flags that name files: compared as the files they name, not as the text typed
-PATH_FLAGS = ("model", "data", "val_data", "classes", "confusions", "verifier_model", "out")
-
-
-def _as_path(value):
-    """The file a path flag names: absolute, with '..', symlinks and a trailing slash resolved. A value that
-    names nothing here (a Hub id, a file since moved) stays as typed, normalised."""
-    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
-
-
-def _map_paths(settings, change):
-    """The settings with `change` applied to each path flag's value (a path, or a list of them)."""
-    def one(value):
-        return [change(v) for v in value] if isinstance(value, list) else change(value)
-    return {k: one(v) if k in PATH_FLAGS and v is not None else v for k, v in settings.items()}
-
-
-def run_args(args):
-    """The run's flags as a checkpoint saves them (JSON: lists, not tuples): path flags resolved, so that a
-    resume from another directory compares the same files."""
-    return _as_saved(vars(args))
-
-
-def _as_saved(settings):
-    return _map_paths(json.loads(json.dumps(settings)), _as_path)
 
 
 def _compared(settings):
     """What check_resume_args compares: path flags as files, and a file inside --out relative to --out (a
     copied run folder holds its own copy)."""
-    out = _as_path(settings["out"]) if settings.get("out") else None
+    out = as_file(settings["out"]) if settings.get("out") else None
 
     def file(value):
-        path = _as_path(value)
+        path = as_file(value)
         inside = out is not None and (path + os.sep).startswith(out + os.sep)
         return os.path.join("<--out>", os.path.relpath(path, out)) if inside else path
-    return _map_paths(settings, file)
+    return map_path_flags(settings, file)
 
 
 def check_resume_args(path, args, defaults=None):
@@ -261,8 +237,8 @@ def check_resume_args(path, args, defaults=None):
     without them such a flag differs from anything."""
     with open(os.path.join(path, "train_state.json")) as f:
         saved = json.load(f)["extra"].get("args") or {}
-    predates = {k: v for k, v in _as_saved(defaults or {}).items() if k not in saved}
-    then, now = {**predates, **saved}, run_args(args)
+    predates = {k: v for k, v in run_flags(defaults or {}).items() if k not in saved}
+    then, now = {**predates, **saved}, run_flags(args)
     then_cmp, now_cmp = _compared(then), _compared(now)
     diff = [k for k in sorted(set(then) | set(now))
             if k not in RESUMABLE_CHANGES and then_cmp.get(k, "(not set)") != now_cmp.get(k, "(not set)")]
@@ -311,7 +287,7 @@ def save_if_due(training, args, d, step, total_steps, extra):
     if not last and not (args.save_every and step % args.save_every == 0):
         return
     path = os.path.join(args.out, "final" if last else f"step_{step:06d}")
-    save_training_checkpoint(path, training, d, step=step, extra=dict(extra, args=run_args(args)), fsdp=args.fsdp)
+    save_training_checkpoint(path, training, d, step=step, extra=dict(extra, args=run_flags(args)), fsdp=args.fsdp)
     if d.is_main:
         prune_checkpoints(args.out, args.keep)
 

@@ -432,21 +432,31 @@ class JsonlLog:
         self.tracker.close()
 
 
+# the flags that name files, in every script: two runs are compared on the files they name (as_file)
+PATH_FLAGS = ("model", "data", "val_data", "mcq_data", "classes", "confusions", "verifier_model", "out")
+
+
 def as_file(value):
-    """What a path flag names, for comparing two runs: a local file or folder as its real path (absolute, with
-    '..', symlinks and a trailing slash resolved: out/x/final/ and ../x/final from another folder are one
-    model); anything else, such as a Hub id, as typed."""
-    return os.path.realpath(value) if os.path.exists(value) else value
+    """The file a path flag names, for comparing two runs: absolute, with '..', symlinks and a trailing slash
+    resolved (out/x/final/ and ../x/final from another folder are one model). A value that names nothing
+    here (a Hub id, a file since moved) stays as typed, normalised."""
+    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
 
 
-def run_flags(args, neutral, paths=("model", "data", "mcq_data", "classes", "verifier_model")):
-    """The flags that shape a pass's rows, as ResumableShards saves and compares them: every flag of
-    `args` but the `neutral` ones, as JSON values, the path flags among `paths` as the files they name."""
-    flags = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in neutral}))
-    for k in paths:
-        if flags.get(k) is not None:
-            flags[k] = [as_file(v) for v in flags[k]] if isinstance(flags[k], list) else as_file(flags[k])
-    return flags
+def map_path_flags(settings, change):
+    """The settings with `change` applied to each path flag's value (a path, or a list of them)."""
+    def one(value):
+        return [change(v) for v in value] if isinstance(value, list) else change(value)
+    return {k: one(v) if k in PATH_FLAGS and v is not None else v for k, v in settings.items()}
+
+
+def run_flags(settings, neutral=()):
+    """Flags as a run saves them to compare with a later run's (a training checkpoint's --resume, the shards
+    of mining and evaluation): JSON values (lists, not tuples), the path flags as the files they name,
+    without the `neutral` ones. `settings`: parsed args or a dict."""
+    settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+    kept = json.loads(json.dumps({k: v for k, v in settings.items() if k not in neutral}))
+    return map_path_flags(kept, as_file)
 
 
 class ResumableShards:

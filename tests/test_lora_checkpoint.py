@@ -223,7 +223,7 @@ def test_a_checkpoint_older_than_some_flags_resumes_at_their_defaults(tmp_path):
                 "--out", str(tmp_path)]
     defaults = vars(grpo.parse_args(required))
     args = grpo.parse_args(required + ["--lr", "3e-3"])
-    saved = checkpoint.run_args(args)
+    saved = checkpoint.run_flags(args)
     newer = ("class_balanced", "top_k", "prefix_forward", "class_list")  # absent, as an older version wrote
     for flag in newer:
         del saved[flag]
