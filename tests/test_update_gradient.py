@@ -120,13 +120,14 @@ import sys
 sys.path.insert(0, {tests!r})
 from safetensors.torch import save_file
 import grpo
-from common import init_distributed
+from common import cleanup, init_distributed
 from test_update_gradient import P, update_gradient
 d = init_distributed("cpu")
 for loss in grpo.LOSSES:  # each rank its half of the groups, micro-batches of 5 (uneven)
     grads = update_gradient({tiny!r}, loss, 5, d, groups=range(d.rank * P // 2, (d.rank + 1) * P // 2))
     if d.rank == 0:
         save_file({{k.replace("module.", ""): v.contiguous() for k, v in grads.items()}}, {out!r} + loss)
+cleanup()  # tear gloo down before the interpreter exits: left to exit, its threads can abort the process
 """
 
 
