@@ -314,7 +314,7 @@ def main(argv=None):
     plain = torch.compile(engine.decode_step_static, fullgraph=True, dynamic=False)
 
     def no_cuda_graphs(max_new=N):  # the compiled step without the CUDA graphs reduce-overhead adds
-        with unittest.mock.patch.object(engine, "compiled_step", lambda device_type: plain):
+        with unittest.mock.patch.object(engine, "compiled_step", lambda cuda_graphs: plain):
             return ours(max_new, "compiled")
 
     # the decode steps: (label, rollout contender, its function, static step?, compiled?)

@@ -332,11 +332,22 @@ def decode_step_static(hf, tokens, pos0, col, keys, values, valid, u, done, eos,
 
 
 @functools.cache
-def compiled_step(device_type):
+def compiled_step(cuda_graphs):
     """`decode_step_static` under torch.compile (one graph per bucket and sampling config; prefill stays
-    eager), replayed as a CUDA graph on CUDA."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
+    eager), replayed as a CUDA graph when `cuda_graphs`."""
+    mode = "reduce-overhead" if cuda_graphs else None
     return torch.compile(decode_step_static, fullgraph=True, dynamic=False, mode=mode)
+
+
+def graphs_fit(model, device):
+    """Whether the compiled step may replay CUDA graphs: on CUDA, unless the model is sharded by FSDP2. A
+    graph reads the weights at the addresses it recorded; FSDP2 frees the gathered weights after each
+    rollout and gathers them at new addresses for the next (measured on 2 gloo ranks: every optimizer
+    step). torch would re-record for the moved weights, keeping every earlier recording; there the step
+    compiles without graphs instead (fused kernels, one launch each). Dynamo itself does not recompile for
+    the moved weights (tests/test_grpo.py, fsdp_compiled)."""
+    from torch.distributed.fsdp import FSDPModule
+    return device.type == "cuda" and not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def row_uniforms(seeds, group_size, rows, steps):
@@ -452,7 +463,7 @@ def sample_completions(model, batch, *, group_size=1, max_new_tokens=256, temper
         del cache
         seeds = prompt_seeds(P, seeds, generator)
         u = row_uniforms(seeds, G, len(src), max_new_tokens).to(device)
-        step = compiled_step(device.type) if cache_kind == "compiled" else decode_step_static
+        step = compiled_step(graphs_fit(model, device)) if cache_kind == "compiled" else decode_step_static
         return _decode_static(hf, kv, logits, src, positions.index_select(1, src) - width, width, u, G, P,
                               max_new_tokens, step, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                               banned_token_ids=banned_token_ids, greedy=greedy, temperature=temperature,

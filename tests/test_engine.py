@@ -378,7 +378,7 @@ def test_static_step_compiles_to_one_graph_across_prompt_widths(tiny, images, mo
     model, proc = tiny
     counter = CompileCounter()
     step = torch.compile(engine.decode_step_static, backend=counter, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(engine, "compiled_step", lambda device_type: step)
+    monkeypatch.setattr(engine, "compiled_step", lambda cuda_graphs: step)
     kw = dict(eos_token_ids=[], pad_token_id=proc.pad_token_id, cache_kind="compiled", **SAMPLING)
     a = proc.encode(images, QUESTIONS)
     b = proc.encode(images, OTHER_QUESTIONS)
@@ -398,3 +398,20 @@ def test_decode_flag_names_a_cache_kind():
     kinds = engine.CACHE_KINDS + engine.STATIC_KINDS
     for choice in ("eager", "static", "compiled"):
         assert engine.DECODE_KINDS[ap.parse_args(["--decode", choice]).decode] in kinds
+
+
+def test_cuda_graphs_only_over_weights_that_stay_put():
+    """The compiled step replays CUDA graphs on CUDA, but not over FSDP2's gathered weights (they move
+    between rollouts), nor on the CPU."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    cuda = torch.device("cuda")  # only a device's name: graphs_fit looks at its type
+    assert engine.graphs_fit(torch.nn.Sequential(torch.nn.Linear(2, 2)), cuda)
+    assert not engine.graphs_fit(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.device("cpu"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        fully_shard(sharded[0])
+        assert not engine.graphs_fit(sharded, cuda)
+    finally:
+        dist.destroy_process_group()

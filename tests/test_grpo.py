@@ -454,9 +454,12 @@ LATER_DDP = {"gspo": ["--loss", "gspo", "--num_iterations", "2", "--rollout_corr
                        "--rollout_correction", "tis", "--mask_truncated"]}
 
 
-# DDP wraps the whole model, so one family is enough; FSDP2 shards by module names and gathers for sampling
+# DDP wraps the whole model, so one family is enough; FSDP2 shards by module names and gathers for sampling.
+# fsdp_compiled: the compiled decode step over weights FSDP2 gathers anew for each rollout, against one
+# process decoding with the eager static step (the per-row streams make the samples the same)
 @pytest.mark.parametrize("mode,family", [("ddp", "qwen2_5_vl"), ("fsdp", "qwen2_5_vl"), ("fsdp", "qwen3_vl"),
-                                         ("gspo", "qwen2_5_vl"), ("cispo", "qwen2_5_vl")], indirect=["family"])
+                                         ("gspo", "qwen2_5_vl"), ("cispo", "qwen2_5_vl"),
+                                         ("fsdp_compiled", "qwen2_5_vl")], indirect=["family"])
 def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_path, mode):
     root, model = small_world
     common = ["--model", model, "--data", str(root / "mcq.jsonl"), "--device", "cpu", "--max_steps", "2",
@@ -464,13 +467,15 @@ def test_it_moves_only_with_signal_and_two_processes_equal_one(small_world, tmp_
               "--lr", "1e-3", "--prompts_per_call", "1", "--loss", "dapo", "--beta", "0.04", "--seed", "3"]
     common += LATER_DDP.get(mode, [])  # a flag given twice: the later one counts
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    grpo.main(common + ["--out", one])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    grpo.main(common + ["--out", one] + (["--decode", "static"] if mode == "fsdp_compiled" else []))
+    # TORCH_LOGS=recompiles: a step recompiled for the second rollout's newly gathered weights would say so
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_LOGS="recompiles")
+    flags = {"fsdp": ["--fsdp"], "fsdp_compiled": ["--fsdp", "--decode", "compiled"]}.get(mode, [])
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "grpo.py"), "--out", two] + common
-                          + (["--fsdp"] if mode == "fsdp" else []), env=env, cwd=ROOT,
+                           os.path.join(ROOT, "grpo.py"), "--out", two] + common + flags, env=env, cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "ecompiling" not in done.stderr, done.stderr[-3000:]
     log_one = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     log_two = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
     assert log_one[0]["reward_std"] > 0  # rewards varied: there was a learning signal
