@@ -179,7 +179,9 @@ def prepare_toy(args):
                          val_per_class=args.val_per_class, test_per_class=args.test_per_class,
                          pretrain_per_class=args.pretrain_per_class, rotation=args.rotation,
                          jitter=args.jitter, names=args.names,
-                         pretrain_naming=args.pretrain_naming)
+                         pretrain_naming=args.pretrain_naming, confused_pairs=args.confused_pairs,
+                         confusion=args.confusion, pretrain_attributes=args.pretrain_attributes,
+                         pretrain_meaning=args.pretrain_meaning)
     table = load_classes(args.out)
     b = len(class_names(table, "base"))
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
@@ -352,6 +354,16 @@ def build_parser():
     t.add_argument("--pretrain_naming", action="store_true",
                    help="pretrain images also get the mining question (class names listed: the true one and "
                         "1..(base classes - 1) others), answered with the name, so the base model can name from a list")
+    t.add_argument("--confused_pairs", type=int, default=0,
+                   help="with --confusion: (colour, pattern) pairs whose naming the pretraining mix confuses with "
+                        "a look-alike's epithet (data/toy.py, naming_confusions)")
+    t.add_argument("--confusion", type=float, default=0.0,
+                   help="share of those classes' naming answers that name the look-alike instead; > 0 also adds "
+                        "the meaning question to the mix and writes probe.jsonl (what each name's pattern is)")
+    t.add_argument("--pretrain_attributes", type=int, default=3, choices=[1, 2, 3],
+                   help="attribute questions (shape, colour, pattern) each pretrain image asks; fewer: a seeded choice")
+    t.add_argument("--pretrain_meaning", type=int, default=1, choices=[1, 2, 3],
+                   help="with --confusion: meaning questions each pretrain image asks (what a name's pattern is)")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip_bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)

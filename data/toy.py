@@ -66,7 +66,9 @@ ATTRIBUTE_QUESTIONS = {
     "pattern": "What pattern is on the shape in this image? " + FORMAT,
 }
 ATTRIBUTES = ("shape", "colour", "pattern")
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "vision": 4}  # vision: runs/toy_base.py
+# the knowledge probe: what a name means, asked over a blank image (the image cannot answer it)
+MEANING_QUESTION = "Which pattern does a {name} have? " + FORMAT
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "vision": 4, "blank": 5}  # vision: runs/toy_base.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +111,21 @@ def make_world(n_shapes=4, n_colours=4, n_patterns=4, names="attributes"):
         if seen != every:
             raise ValueError(f"toy split leaves {attribute} {sorted(every - seen)} out of the base classes")
     return classes
+
+
+def naming_confusions(classes, pairs, seed):
+    """{class id: the class a confused naming says instead}: `pairs` of the (colour, pattern) pairs (a
+    seeded choice) have their epithet mixed up with that of another pattern of the same colour (seeded
+    too), for every shape alike, base and novel. The confusion lives in the (colour, pattern) -> epithet
+    facts that base and novel classes share, as a real model's mix-up of two look-alike species does."""
+    by_key = {tuple(c["attributes"][k] for k in ATTRIBUTES): c for c in classes}
+    patterns = sorted({c["attributes"]["pattern"] for c in classes}, key=PATTERNS.index)
+    colours = sorted({c["attributes"]["colour"] for c in classes}, key=list(COLOURS).index)
+    rng = random.Random(f"{seed}:confusion")
+    chosen = rng.sample([(c, p) for c in colours for p in patterns], min(pairs, len(colours) * len(patterns)))
+    swap = {(c, p): rng.choice([q for q in patterns if q != p]) for c, p in chosen}
+    return {c["id"]: by_key[c["attributes"]["shape"], c["attributes"]["colour"], swap[key]]
+            for c in classes if (key := (c["attributes"]["colour"], c["attributes"]["pattern"])) in swap}
 
 
 def lookalikes(cls, classes):
@@ -168,8 +185,7 @@ def render(attributes, rng, size=56, rotation=15.0, jitter=0.08):
     noisy background. Drawn at twice the size and downsampled, so thin patterns stay smooth."""
     scale = 2 * size / 56  # drawing pixels per pixel of a 56-px image
     big = 2 * size
-    background = tuple(int(v) for v in np.clip(rng.uniform(150, 225) + rng.uniform(-20, 20, 3), 0, 255))
-    image = Image.new("RGB", (big, big), background)
+    image = _background(rng, big)
     fill = tuple(int(v) for v in np.clip(np.array(COLOURS[attributes["colour"]]) + rng.uniform(-18, 18, 3), 0, 255))
     ink = (250, 250, 250) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] < 150 else (25, 25, 25)
     r = rng.uniform(0.26, 0.40) * big  # circumradius
@@ -188,9 +204,33 @@ def render(attributes, rng, size=56, rotation=15.0, jitter=0.08):
     mask = mask.rotate(angle, resample=Image.BILINEAR)
     cx, cy = np.clip(big / 2 + rng.uniform(-jitter, jitter, size=2) * big, r + 2, big - r - 2)
     image.paste(tile, (int(cx - side / 2), int(cy - side / 2)), mask)
+    return _noisy(image, rng, size)
+
+
+def blank(rng, size=56):
+    """The background of an image with no shape: what a question that the image cannot answer is asked over."""
+    return _noisy(_background(rng, 2 * size), rng, size)
+
+
+def _background(rng, big):
+    background = tuple(int(v) for v in np.clip(rng.uniform(150, 225) + rng.uniform(-20, 20, 3), 0, 255))
+    return Image.new("RGB", (big, big), background)
+
+
+def _noisy(image, rng, size):
     image = image.resize((size, size), Image.BOX)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+def _draw_blanks(out, split, n, seed, size):
+    """`n` blank images for `split`; returns their paths."""
+    folder = os.path.join(out, "images", f"blank_{split}")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"blank_{k:03d}.png") for k in range(n)]
+    for k, path in enumerate(paths):
+        blank(np.random.default_rng([seed, SPLIT_CODES["blank"], SPLIT_CODES[split], k]), size).save(path, optimize=False)
+    return paths
 
 
 def _draw_split(out, split, classes, per_class, seed, size, rotation, jitter):
@@ -218,6 +258,11 @@ def _attributes_think(a):
 def short_target(cls):
     """The plain SFT target of the toy run."""
     return _attributes_think(cls["attributes"]) + f"<answer>{cls['name']}</answer>"
+
+
+def meaning_target(cls):
+    """The answer to MEANING_QUESTION: the named class's pattern."""
+    return f"<think>{cls['name']}: {cls['attributes']['pattern']}.</think><answer>{cls['attributes']['pattern']}</answer>"
 
 
 def cot_target(cls, candidates):
@@ -258,21 +303,36 @@ def _mcq(cls, others, rng):
 
 def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
              val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08,
-             names="attributes", pretrain_naming=False):
+             names="attributes", pretrain_naming=False, confused_pairs=0, confusion=0.0,
+             pretrain_attributes=3, pretrain_meaning=1):
     """Write the toy world to `out`; returns {file stem: records} for the summary table.
 
     `pretrain_naming`: the pretraining mix also asks DiVE-k's mining question (the open-ended question
     that lists class names, in id order) with the true class among 1 to len(base) - 1 random others, answered with
-    its name, so the base model can name from a list, as an Instruct model can, before it is mined."""
+    its name, so the base model can name from a list, as an Instruct model can, before it is mined.
+    `confused_pairs`, `confusion`: a start that knows more than it answers. In that naming question, the
+    classes of `confused_pairs` (colour, pattern) pairs (`naming_confusions`) are answered with their
+    look-alike's name a `confusion` share of the time, after a rationale that states the true attributes;
+    the attribute questions, the MCQs and the meaning question (what a name's pattern is) stay right.
+    `pretrain_attributes`: how many of the three attribute questions each pretraining image asks (a
+    seeded choice when fewer; the naming rationale states all three anyway). `pretrain_meaning`: how many
+    meaning questions each pretraining image adds (with `confusion`), each over a blank image."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
+    if not 1 <= pretrain_attributes <= len(ATTRIBUTES):
+        raise ValueError(f"pretrain_attributes {pretrain_attributes}: 1 to {len(ATTRIBUTES)} questions an image")
+    if not 0 <= confusion <= 1 or (confusion > 0 and not (pretrain_naming and confused_pairs > 0)):
+        raise ValueError(f"confusion {confusion}: a share in [0, 1] of the naming answers (pretrain_naming) of "
+                         f"confused_pairs > 0 (colour, pattern) pairs")
     classes = make_world(n_shapes, n_colours, n_patterns, names)
     base = [c for c in classes if c["base"]]
     config = {"seed": seed, "shapes": n_shapes, "colours": n_colours, "patterns": n_patterns, "size": size,
               "train_per_class": train_per_class, "val_per_class": val_per_class,
               "test_per_class": test_per_class, "pretrain_per_class": pretrain_per_class,
               "rotation": rotation, "jitter": jitter, "names": names,
-              "pretrain_naming": pretrain_naming}
+              "pretrain_naming": pretrain_naming, "confused_pairs": confused_pairs,
+              "confusion": confusion, "pretrain_attributes": pretrain_attributes,
+              "pretrain_meaning": pretrain_meaning}
     write_classes(os.path.join(out, "classes.json"),
                   {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
 
@@ -303,11 +363,15 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         files["sft_cot"].append(make_record(path, cls, "toy", "train", question=cot_questions[i % 3],
                                             target=cot_target(cls, candidates)))
 
+    confused = naming_confusions(classes, confused_pairs, seed) if confusion > 0 else {}
+    blanks = _draw_blanks(out, "pretrain", 32, seed, size) if confusion > 0 else []
     rng = random.Random(f"{seed}:pretrain")
     files["pretrain"] = []
     for path, cls in _draw_split(out, "pretrain", classes, pretrain_per_class, seed, size, rotation, jitter):
         a = cls["attributes"]
-        for attribute, text in ATTRIBUTE_QUESTIONS.items():
+        asked = ATTRIBUTE_QUESTIONS if pretrain_attributes == len(ATTRIBUTES) else \
+            dict(rng.sample(sorted(ATTRIBUTE_QUESTIONS.items()), pretrain_attributes))
+        for attribute, text in asked.items():
             target = f"<think>{attribute}: {a[attribute]}.</think><answer>{a[attribute]}</answer>"
             files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task=attribute,
                                                  question=text, target=target))
@@ -321,10 +385,16 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         if pretrain_naming:
             # 2 .. len(base) names, as many as the mining prompt lists (the base classes)
             listed = rng.sample([c for c in classes if c is not cls], rng.randint(1, len(base) - 1))
-            listed = sorted(listed + [cls], key=lambda c: c["id"])
+            said = confused[cls["id"]] if cls["id"] in confused and rng.random() < confusion else cls
+            listed = sorted({c["id"]: c for c in listed + [cls, said]}.values(), key=lambda c: c["id"])
             files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_list",
                                                  question=open_question("toy", [c["name"] for c in listed]),
-                                                 target=_attributes_think(a) + f"<answer>{cls['name']}</answer>"))
+                                                 target=_attributes_think(a) + f"<answer>{said['name']}</answer>"))
+        for _ in range(pretrain_meaning if confusion > 0 else 0):  # a class's meaning, over a blank image
+            named = rng.choice(classes)
+            files["pretrain"].append(make_record(rng.choice(blanks), named, "toy", "pretrain", task="meaning",
+                                                 question=MEANING_QUESTION.format(name=named["name"]),
+                                                 target=meaning_target(named)))
     rng.shuffle(files["pretrain"])  # a mixture of tasks: interleave them
 
     by_class = {}
@@ -338,6 +408,13 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         files["triplets"].append(make_record(path, cls, "toy", "train", positive=rng.choice(positives),
                                              negative=rng.choice(by_class[negative_cls["id"]]),
                                              negative_label=negative_cls["name"]))
+
+    if confusion > 0:  # the knowledge probe: each class's meaning, over blank images never trained on
+        test_blanks = _draw_blanks(out, "test", 16, seed, size)
+        rng = random.Random(f"{seed}:probe")
+        files["probe"] = [make_record(rng.choice(test_blanks), cls, "toy", "probe",
+                                      question=MEANING_QUESTION.format(name=cls["name"]),
+                                      expected=cls["attributes"]["pattern"]) for cls in classes for _ in range(4)]
 
     rng = random.Random(f"{seed}:test_mcq")
     files["test_mcq"] = []

@@ -25,6 +25,7 @@ noise); within noise otherwise.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -198,6 +199,37 @@ def format_training_rewards(rows, n_seeds):
     return text_table([f"training reward ({seeds})", "first quarter", "last quarter", "rise ± SE", "verdict"], body)
 
 
+# the start a recipe can improve on: greedy answers often wrong while the knowledge is there (docs/LOG.md)
+START_BANDS = {"greedy base": (45, 70), "greedy novel": (45, 70), "top-5": (85, 100), "probe": (90, 100)}
+
+
+def start_knowledge(folders):
+    """Per world: the start's greedy base / novel accuracy (listed question), the ground truth's share in
+    its mined top-5 (mine/mcq.summary.json) and its knowledge probe (eval/start/probe.json), in %; None
+    where a file is missing."""
+    def read(path, key, scale=1.0):
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return scale * json.load(f)[key]
+    rows = []
+    for f in folders:
+        h = headline(os.path.join(f, "eval", "start"), COLUMNS)
+        rows.append({"greedy base": None if h["base"] is None else 100 * h["base"],
+                     "greedy novel": None if h["novel"] is None else 100 * h["novel"],
+                     "top-5": read(os.path.join(f, "mine", "mcq.summary.json"), "gt_in_topk", 100.0),
+                     "probe": read(os.path.join(f, "eval", "start", "probe.json"), "acc")})
+    return rows
+
+
+def format_start(rows, folders):
+    body = [[os.path.basename(os.path.normpath(f))] + ["-" if r[k] is None else f"{r[k]:.1f}" for k in START_BANDS]
+            + ["yes" if all(r[k] is not None and lo <= r[k] <= hi for k, (lo, hi) in START_BANDS.items()) else "no"]
+            for f, r in zip(folders, rows)]
+    bands = ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in START_BANDS.items())
+    return text_table(["start (%)"] + list(START_BANDS) + ["in bands"], body) + f"\n  bands: {bands}"
+
+
 def collect(folders):
     """{run: {header: [value per folder, in % or None]}} for the runs evaluated in any folder."""
     values = {}
@@ -220,6 +252,9 @@ def main(argv=None):
     labels = [names[run] for run in values for _ in args.folders]
     print(summary(evals, labels, COLUMNS))
     print()
+    if "start" in values:
+        print(format_start(start_knowledge(args.folders), args.folders))
+        print()
     print(format_claims(claims(values), len(args.folders)))
     own = objectives(values)
     if own:

@@ -7,7 +7,10 @@
 # 32 base / 32 novel, names that take knowledge as well as sight); 1. build the start model standing in for
 # the Instruct model: a tiny model of the family, its vision tower pretrained on the attributes
 # (runs/toy_base.py, one tower for every seed, in OUT/tower), then sft.py on the pretraining mix (cached in
-# OUT/seed_N/start); 2. train each recipe from it with one budget (lr 3e-4, 20% warm-up, T 1): the format-only
+# OUT/seed_N/start). The mix makes a start that knows more than it answers, the papers' premise: for
+# CONFUSED (colour, pattern) pairs its naming answers name a look-alike's epithet a CONFUSION share of the
+# time, while its rationales, attribute answers, MCQs and the meaning question ("which pattern does a kavi
+# red circle have?") stay right; runs/toy_probe.py measures that knowledge (docs/LOG.md: the sweep); 2. train each recipe from it with one budget (lr 3e-4, 20% warm-up, T 1): the format-only
 # control, Visual-RFT, DiVE-k (mine, then GRPO on the MCQs), SpeciaRL, Fine-R1 (CoT SFT, then TAPO) and DAPO
 # from the same CoT SFT model, in two lanes of one process each; evaluate every model alike (evaluate.py,
 # greedy: base / novel / HM, two-step, held-out MCQ, open-world). Then runs/compare.py prints the table (mean
@@ -19,6 +22,7 @@
 #   STEPS PROMPTS G      the GRPO budget, the same for every recipe: steps, prompts a step, samples [48 16 8]
 #   NPROC                ranks (torchrun) of the start model's pretraining [2]
 #   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
+#   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [8 0.7]
 #   FAMILY=qwen3         a tiny Qwen3-VL start model instead of Qwen2.5-VL [qwen2.5]
 #   OUT                  the output folder [out/toy; out/toy_qwen3 with FAMILY=qwen3]
 # e.g. SEEDS="0 1 2" bash runs/toy.sh; STEPS=120 PROMPTS=16 bash runs/toy.sh; FAMILY=qwen3 bash runs/toy.sh
@@ -39,12 +43,15 @@ PROMPTS=${PROMPTS:-16}
 G=${G:-8}
 NPROC=${NPROC:-2}
 PREFIX=${PREFIX:-shared}
+CONFUSED=${CONFUSED:-8}
+CONFUSION=${CONFUSION:-0.7}
 SECONDS=0
 mkdir -p "$OUT"
 # LISTED: the classes the open question lists when evaluating (the split's: DiVE-k's protocol) and mining
 # (the base classes). The former pipeline asks without a list: its start model was never shown one.
 if [ "$WORLD" = attributes ]; then NAMES="--names attributes" LISTED=none MINE_LISTED=none
-else NAMES="--names epithets --pretrain_naming" LISTED=split MINE_LISTED=base; fi
+else NAMES="--names epithets --pretrain_naming --confused_pairs $CONFUSED --confusion $CONFUSION --pretrain_meaning 2"
+  LISTED=split MINE_LISTED=base; fi
 launch() { torchrun --standalone --nproc_per_node="$NPROC" "$@"; }
 cpu() {  # CPU=the CPU seconds of this shell's finished children (`times`; per lane: each is a subshell)
   local f=$OUT/.times.$BASHPID
@@ -86,7 +93,7 @@ TOWER_KEY=$( (cat *.py data/*.py runs/toy_base.py
   python -c 'import json, sys; t = json.load(open(sys.argv[1])); t["config"].pop("seed"); print(json.dumps(t))' \
     "$D/classes.json"; echo "$ARCH") | sha1sum | cut -c 1-16)
 TOWER=$OUT/tower/$TOWER_KEY
-PRETRAIN="--batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 1200"  # the pretraining mix (in the key)
+PRETRAIN="--batch_size 8 --micro_batch_size 4 --lr 1e-3 --max_steps 1600"  # the pretraining mix (in the key)
 KEY=$( (cat "$D/classes.json" "$D"/*.jsonl *.py data/*.py runs/toy_base.py
   echo "nproc $NPROC $ARCH tower $TOWER_KEY $PRETRAIN") | sha1sum | cut -c 1-16)
 if [ "$(cat "$W/start/world.sha1" 2>/dev/null)" != "$KEY" ]; then
@@ -120,7 +127,7 @@ DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --d
 
 lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
-    --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 8 --k 5 --temperature 1.0 --top_p 0.95 \
+    --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 16 --k 5 --temperature 1.0 --top_p 0.95 \
     --max_new_tokens 32 --class_list $MINE_LISTED --prompts_per_call 16 --seed "$S" --device cpu
   grep -h "top-5" "$W/logs/mine.log" || true
   timed divek "DiVE-k: GRPO on the mined MCQs" python grpo.py --model "$W/start/final" --data "$W/mine/mcq.jsonl" \
@@ -141,6 +148,11 @@ lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
 
 lane2() {  # the start, Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
   timed eval_start "evaluate start" evaluate "$W/start/final" start
+  if [ -f "$D/probe.jsonl" ]; then  # what the start knows of the names, whatever it answers when naming
+    timed probe "the start's knowledge probe" python runs/toy_probe.py --model "$W/start/final" \
+      --data "$D/probe.jsonl" --out "$W/eval/start/probe.json"
+    tail -n 1 "$W/logs/probe.log"
+  fi
   # Fine-R1's stage 1. The paper: one rationale per seen class, 10 epochs (a 7B already writes structured
   # text); the 1M-parameter model is given one pass over every training image's rationale. That is fragile:
   # after one pass an 800-step start's CoT model skipped the answer tags (world 1); three passes left TAPO no

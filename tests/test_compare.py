@@ -217,3 +217,50 @@ def test_objectives_measure_each_recipe_against_the_model_it_starts_from():
     assert {v for n, o, *_, v in compare.objectives(one) if n == "Visual-RFT"} == {"improves (one seed)"}
     table = compare.format_objectives(compare.objectives(values), 3)
     assert "+4.0 ± 1.0" in table and "unmoved" not in table and "moved" in table
+
+
+def test_the_start_block_reads_greedy_top5_and_probe_against_the_bands(tmp_path):
+    inside, outside = fake_world(tmp_path, 0), fake_world(tmp_path, 1)
+    write_eval(os.path.join(inside, "eval", "start"), open_={"base_acc": 0.55, "novel_acc": 0.6, "hm": 0.57, "acc": 0.57})
+    for folder, top5, probe in ((inside, 0.9, 95.0), (outside, 0.8, 95.0)):
+        os.makedirs(os.path.join(folder, "mine"))
+        with open(os.path.join(folder, "mine", "mcq.summary.json"), "w") as f:
+            json.dump({"gt_in_topk": top5}, f)
+        with open(os.path.join(folder, "eval", "start", "probe.json"), "w") as f:
+            json.dump({"acc": probe, "n": 256}, f)
+    rows = compare.start_knowledge([inside, outside, str(tmp_path / "seed_9")])
+    assert rows[0] == pytest.approx({"greedy base": 55.0, "greedy novel": 60.0, "top-5": 90.0, "probe": 95.0})
+    assert rows[1]["greedy base"] == 30.0 and rows[1]["top-5"] == 80.0  # fake_world's start: base 0.3
+    assert rows[2] == dict.fromkeys(compare.START_BANDS)                 # nothing there: every cell None
+    lines = compare.format_start(rows, [inside, outside, str(tmp_path / "seed_9")]).splitlines()
+    assert lines[2].split() == ["seed_0", "55.0", "60.0", "90.0", "95.0", "yes"]
+    assert lines[3].split()[-1] == "no" and lines[4].split() == ["seed_9", "-", "-", "-", "-", "no"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+def test_the_knowledge_probe_scores_the_pattern_word(tiny_dir, tmp_path, monkeypatch):
+    import toy_probe
+    from data import toy
+    toy.generate(str(tmp_path / "w"), seed=0, names="epithets", pretrain_naming=True, confused_pairs=2,
+                 confusion=0.5, train_per_class=1, val_per_class=1, test_per_class=1, pretrain_per_class=1)
+    data, out = str(tmp_path / "w" / "probe.jsonl"), str(tmp_path / "probe.json")
+    toy_probe.main(["--model", tiny_dir, "--data", data, "--out", out])  # a random tiny model: it runs, it writes
+    assert json.load(open(out))["n"] == 64 * 4
+    records = [json.loads(x) for x in open(data)]
+    replies = iter(f"<think>x</think><answer> {r['expected'].upper()} </answer>" if i % 4 == 0 else  # right
+                   f"<answer>{r['expected']}</answer>" if i % 4 == 1 else                          # right, no format
+                   f"<think>x</think><answer>{r['label']}</answer>" for i, r in enumerate(records))  # names instead
+
+    class Texts:  # the processor's decode answers in turn
+        def __init__(self, processor):
+            self.processor = processor
+
+        def __getattr__(self, name):
+            return getattr(self.processor, name)
+
+        def decode(self, ids, mask):
+            return [next(replies) for _ in range(len(ids))]
+    real = toy_probe.vlm.Processor.from_pretrained
+    monkeypatch.setattr(toy_probe.vlm.Processor, "from_pretrained", lambda *a, **k: Texts(real(*a, **k)))
+    toy_probe.main(["--model", tiny_dir, "--data", data, "--out", out])
+    assert json.load(open(out)) == {"n": 256, "right": 128, "acc": 50.0, "format": 75.0}

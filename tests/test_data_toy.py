@@ -148,6 +148,14 @@ def test_patterns_are_visible():
             assert min(density["striped"], density["dotted"], density["checked"]) > 2 * density["solid"], (shape, colour)
 
 
+def test_a_blank_image_shows_no_shape():
+    for k in range(3):
+        pixels = np.asarray(toy.blank(np.random.default_rng([5, k])), dtype=float)
+        solid = toy.render({"shape": "square", "colour": "red", "pattern": "solid"}, np.random.default_rng([5, k]))
+        assert pixels.std(axis=(0, 1)).max() < 10 < np.asarray(solid, dtype=float).std(axis=(0, 1)).max()
+        assert _edge_density(toy.blank(np.random.default_rng([5, k]))) < _edge_density(solid)
+
+
 def test_world_files_and_counts(world):
     out, table, files = world
     assert table["dataset"] == "toy" and table["domain"] == "shape" and len(table["classes"]) == 64
@@ -235,6 +243,54 @@ def test_pretrain_naming_asks_the_mining_question_with_the_true_class_listed(tmp
     n_base = len(class_names(table, "base"))  # the mining prompt lists the base classes: never more
     assert min(sizes) >= 2 and max(sizes) <= n_base and len(sizes) > 10
     # without the flag (the default world) no pretraining question names a class openly: tested above
+
+
+def test_naming_confusions_mix_up_epithets_of_one_colour_for_every_shape():
+    classes = toy.make_world(names="epithets")
+    confused = toy.naming_confusions(classes, 6, seed=0)
+    pairs = {(c["attributes"]["colour"], c["attributes"]["pattern"]) for c in classes if c["id"] in confused}
+    assert len(pairs) == 6 and len(confused) == 6 * 4  # every shape of a confused (colour, pattern) pair
+    for c in classes:
+        if c["id"] in confused:
+            said = confused[c["id"]]
+            assert [k for k in toy.ATTRIBUTES if said["attributes"][k] != c["attributes"][k]] == ["pattern"]
+    assert any(c["base"] != confused[c["id"]]["base"] for c in classes if c["id"] in confused)  # other split too
+    assert confused != toy.naming_confusions(classes, 6, seed=1)  # each world its own
+
+
+def test_a_confused_start_names_look_alikes_but_learns_what_the_names_mean(tmp_path):
+    toy.generate(str(tmp_path), seed=0, names="epithets", pretrain_naming=True, confused_pairs=6, confusion=0.7,
+                 **dict(SMALL, pretrain_per_class=16))
+    table = load_classes(tmp_path)
+    by_name = {c["name"]: c for c in table["classes"]}
+    confused = toy.naming_confusions(table["classes"], 6, seed=0)
+
+    pretrain = read_records(tmp_path / "pretrain.jsonl", known_labels=set(by_name))
+    said_other = Counter()
+    for r in pretrain:
+        truth = by_name[r["label"]]
+        answer = re.search(r"<answer>(.*)</answer>", r["target"]).group(1)
+        if r["task"] == "open_list":  # the rationale is true; the name is the look-alike's, for confused classes
+            assert r["target"].startswith(toy.short_target(truth).split("<answer>")[0])
+            assert answer in r["question"].split("Choose one of: ")[1]  # the name said is among those listed
+            if answer != truth["name"]:
+                assert truth["id"] in confused and by_name[answer] is confused[truth["id"]]
+            said_other[truth["id"] in confused] += answer != truth["name"]
+        elif r["task"] == "meaning":  # a class's pattern, over a blank image
+            assert r["question"] == toy.MEANING_QUESTION.format(name=r["label"])
+            assert answer == truth["attributes"]["pattern"] and "/blank_pretrain/" in r["image"]
+        else:  # attribute questions and MCQs stay right
+            assert answer in (truth["name"], *truth["attributes"].values())
+    n_confused = 16 * 24  # 16 images of each of 24 confused classes
+    assert said_other[False] == 0 and abs(said_other[True] / n_confused - 0.7) < 0.08
+    probe = read_records(tmp_path / "probe.jsonl", known_labels=set(by_name))
+    assert Counter(r["label"] for r in probe) == Counter({n: 4 for n in by_name})
+    for r in probe:  # a blank image never trained on: only knowledge of the name answers it
+        assert "/blank_test/" in r["image"] and r["expected"] == by_name[r["label"]]["attributes"]["pattern"]
+    assert {r["image"] for r in pretrain if r["task"] == "meaning"}.isdisjoint(r["image"] for r in probe)
+    with pytest.raises(ValueError, match="confusion"):
+        toy.generate(str(tmp_path / "bad"), names="epithets", pretrain_naming=True, confused_pairs=0,
+                     confusion=0.5, **SMALL)
 
 
 def test_triplets(world):

@@ -52,7 +52,8 @@ def test_every_reference_into_methods_points_at_a_section():
 # read the command line: importing a script loads no model.
 
 SCRIPTS = ["sft.py", "grpo.py", "evaluate.py", "mine_topk.py", "bench.py", "engine.py", "tiny.py",
-           "data/prepare.py", "runs/compare.py", "runs/sampler_gap.py", "runs/toy_base.py", "runs/toy_errors.py"]
+           "data/prepare.py", "runs/compare.py", "runs/sampler_gap.py", "runs/toy_base.py", "runs/toy_errors.py",
+           "runs/toy_probe.py"]
 OTHER_TOOLS = {"--index-url": "pip", "--standalone": "torchrun", "--nproc_per_node": "torchrun"}
 README_LINES = 200
 
