@@ -203,23 +203,19 @@ def format_training_rewards(rows, n_seeds):
 START_BANDS = {"greedy base": (45, 70), "greedy novel": (45, 70), "top-5": (85, 100), "probe": (90, 100)}
 
 
-def start_knowledge(folders):
-    """Per world: the start's greedy base / novel accuracy (listed question), the ground truth's share in
-    its mined top-5 (mine/mcq.summary.json) and its knowledge probe (eval/start/probe.json), in %; None
-    where a file is missing."""
+def start_knowledge(folders, values):
+    """Per world: the start's greedy base / novel accuracy (listed question; `values`: collect()'s), the
+    ground truth's share in its mined top-5 (mine/mcq.summary.json) and its knowledge probe
+    (eval/start/probe.json), in %; None where a file is missing."""
     def read(path, key, scale=1.0):
         if not os.path.exists(path):
             return None
         with open(path) as f:
             return scale * json.load(f)[key]
-    rows = []
-    for f in folders:
-        h = headline(os.path.join(f, "eval", "start"), COLUMNS)
-        rows.append({"greedy base": None if h["base"] is None else 100 * h["base"],
-                     "greedy novel": None if h["novel"] is None else 100 * h["novel"],
-                     "top-5": read(os.path.join(f, "mine", "mcq.summary.json"), "gt_in_topk", 100.0),
-                     "probe": read(os.path.join(f, "eval", "start", "probe.json"), "acc")})
-    return rows
+    start = values.get("start", {"base": [None] * len(folders), "novel": [None] * len(folders)})
+    return [{"greedy base": start["base"][i], "greedy novel": start["novel"][i],
+             "top-5": read(os.path.join(f, "mine", "mcq.summary.json"), "gt_in_topk", 100.0),
+             "probe": read(os.path.join(f, "eval", "start", "probe.json"), "acc")} for i, f in enumerate(folders)]
 
 
 def format_start(rows, folders):
@@ -253,7 +249,7 @@ def main(argv=None):
     print(summary(evals, labels, COLUMNS))
     print()
     if "start" in values:
-        print(format_start(start_knowledge(args.folders), args.folders))
+        print(format_start(start_knowledge(args.folders, values), args.folders))
         print()
     print(format_claims(claims(values), len(args.folders)))
     own = objectives(values)

@@ -45,7 +45,6 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="probe.jsonl of a toy world")
     ap.add_argument("--out", required=True, help="where the result goes (JSON)")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
     records = read_records(args.data)
     for rec in records:
         if "question" not in rec or "expected" not in rec:

@@ -228,11 +228,12 @@ def test_the_start_block_reads_greedy_top5_and_probe_against_the_bands(tmp_path)
             json.dump({"gt_in_topk": top5}, f)
         with open(os.path.join(folder, "eval", "start", "probe.json"), "w") as f:
             json.dump({"acc": probe, "n": 256}, f)
-    rows = compare.start_knowledge([inside, outside, str(tmp_path / "seed_9")])
+    folders = [inside, outside, str(tmp_path / "seed_9")]
+    rows = compare.start_knowledge(folders, compare.collect(folders))
     assert rows[0] == pytest.approx({"greedy base": 55.0, "greedy novel": 60.0, "top-5": 90.0, "probe": 95.0})
     assert rows[1]["greedy base"] == 30.0 and rows[1]["top-5"] == 80.0  # fake_world's start: base 0.3
     assert rows[2] == dict.fromkeys(compare.START_BANDS)                 # nothing there: every cell None
-    lines = compare.format_start(rows, [inside, outside, str(tmp_path / "seed_9")]).splitlines()
+    lines = compare.format_start(rows, folders).splitlines()
     assert lines[2].split() == ["seed_0", "55.0", "60.0", "90.0", "95.0", "yes"]
     assert lines[3].split()[-1] == "no" and lines[4].split() == ["seed_9", "-", "-", "-", "-", "no"]
 
