@@ -181,7 +181,8 @@ def prepare_toy(args):
                          jitter=args.jitter, names=args.names,
                          pretrain_naming=args.pretrain_naming, confused_pairs=args.confused_pairs,
                          confusion=args.confusion, pretrain_attributes=args.pretrain_attributes,
-                         pretrain_meaning=args.pretrain_meaning)
+                         pretrain_meaning=args.pretrain_meaning, hedge=args.hedge,
+                         cot_per_class=args.cot_per_class)
     table = load_classes(args.out)
     b = len(class_names(table, "base"))
     print(f"toy: {len(table['classes'])} classes ({b} base, {len(table['classes']) - b} novel), "
@@ -364,6 +365,13 @@ def build_parser():
                    help="attribute questions (shape, colour, pattern) each pretrain image asks; fewer: a seeded choice")
     t.add_argument("--pretrain_meaning", type=int, default=1, choices=[1, 2, 3],
                    help="with --confusion: meaning questions each pretrain image asks (what a name's pattern is)")
+    t.add_argument("--hedge", type=float, default=0.0,
+                   help="with --pretrain_naming: half the naming questions in SpeciaRL's open-world wording, "
+                        "answered with the parent ('red circle') this share of the time (a start that knows the "
+                        "species and says 'bird')")
+    t.add_argument("--cot_per_class", type=int, default=0,
+                   help="sft_cot.jsonl: this many training images per base class (Fine-R1: one rationale per "
+                        "seen class); 0: every training image")
     t.add_argument("--check", action="store_true", help="open every image after writing")
     t.add_argument("--skip_bad", action="store_true", help="with --check: drop bad records")
     t.set_defaults(func=prepare_toy)

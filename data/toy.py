@@ -23,7 +23,8 @@ Files written (all in the record format of data/records.py, images as PNG under 
   wording) and a short target "<think>shape: ... colour: ... pattern: ...</think>
   <answer>name</answer>" (the plain SFT target of the toy run);
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
-  look-alikes -> comparison -> prediction) on the train images, asked in turn with Fine-R1's open
+  look-alikes -> comparison -> prediction) on the train images (or the first `cot_per_class` of each
+  class: Fine-R1's few-shot pool), asked in turn with Fine-R1's open
   question, with DiVE-k's list of the base classes and in SpeciaRL's open-world wording (the three
   questions the toy comparison asks: a 1M-parameter model does not carry a format over to a wording
   it was never shown);
@@ -33,7 +34,7 @@ Files written (all in the record format of data/records.py, images as PNG under 
   base model knows every name (as a real VLM knows bird names) but has not learned to name from sight.
   With `pretrain_naming` (the world of runs/toy.sh) it also asks DiVE-k's mining
   question, the true class listed among 1..(base classes - 1) others, so the base model names from a
-  list before mining;
+  list before mining (with `hedge`, half the time SpeciaRL's open-world question instead);
 - triplets.jsonl: TAPO triplets on train images (positive: same class; negative: a base look-alike);
 - test_mcq.jsonl: closed-world MCQs on test_base images, options = the 8 corners of a cube around the
   true class (one other value per attribute and every combination: `mcq_cube`), so that the options'
@@ -304,7 +305,7 @@ def _mcq(cls, others, rng):
 def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_per_class=24,
              val_per_class=4, test_per_class=8, pretrain_per_class=32, rotation=15.0, jitter=0.08,
              names="attributes", pretrain_naming=False, confused_pairs=0, confusion=0.0,
-             pretrain_attributes=3, pretrain_meaning=1):
+             pretrain_attributes=3, pretrain_meaning=1, hedge=0.0, cot_per_class=0):
     """Write the toy world to `out`; returns {file stem: records} for the summary table.
 
     `pretrain_naming`: the pretraining mix also asks DiVE-k's mining question (the open-ended question
@@ -316,11 +317,19 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     the attribute questions, the MCQs and the meaning question (what a name's pattern is) stay right.
     `pretrain_attributes`: how many of the three attribute questions each pretraining image asks (a
     seeded choice when fewer; the naming rationale states all three anyway). `pretrain_meaning`: how many
-    meaning questions each pretraining image adds (with `confusion`), each over a blank image."""
+    meaning questions each pretraining image adds (with `confusion`), each over a blank image.
+    `hedge`: SpeciaRL's premise, a model that knows the species and says "bird". Each pretraining image's
+    naming question is then asked in SpeciaRL's open-world wording half the time (the listed wording the
+    other half), and an open-world answer names only the parent ("red circle") a `hedge` share of the
+    time, the class's name otherwise (confused as above).
+    `cot_per_class`: Fine-R1's stage 1 is one rationale per seen class (a few-shot pool), not one per
+    training image; with N > 0, sft_cot.jsonl holds the first N training images of each base class."""
     if size > 112:
         raise ValueError(f"toy images are at most 112 px, got {size}")
     if not 1 <= pretrain_attributes <= len(ATTRIBUTES):
         raise ValueError(f"pretrain_attributes {pretrain_attributes}: 1 to {len(ATTRIBUTES)} questions an image")
+    if not 0 <= hedge <= 1 or (hedge > 0 and not pretrain_naming):
+        raise ValueError(f"hedge {hedge}: a share in [0, 1] of the open-world naming answers (pretrain_naming)")
     if not 0 <= confusion <= 1 or (confusion > 0 and not (pretrain_naming and confused_pairs > 0)):
         raise ValueError(f"confusion {confusion}: a share in [0, 1] of the naming answers (pretrain_naming) of "
                          f"confused_pairs > 0 (colour, pattern) pairs")
@@ -332,7 +341,7 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
               "rotation": rotation, "jitter": jitter, "names": names,
               "pretrain_naming": pretrain_naming, "confused_pairs": confused_pairs,
               "confusion": confusion, "pretrain_attributes": pretrain_attributes,
-              "pretrain_meaning": pretrain_meaning}
+              "pretrain_meaning": pretrain_meaning, "hedge": hedge, "cot_per_class": cot_per_class}
     write_classes(os.path.join(out, "classes.json"),
                   {"dataset": "toy", "domain": "shape", "config": config, "classes": classes})
 
@@ -356,7 +365,10 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     rng = random.Random(f"{seed}:sft_cot")
     cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy")]
     files["sft_cot"] = []
-    for i, (path, cls) in enumerate(train_items):
+    seen = {}  # the first cot_per_class images of each class, in the training order (all of them with 0)
+    cot_items = [(p, c) for p, c in train_items
+                 if not cot_per_class or seen.setdefault(c["id"], []).append(p) or len(seen[c["id"]]) <= cot_per_class]
+    for i, (path, cls) in enumerate(cot_items):
         near = [c for c in lookalikes(cls, classes) if c["base"]]
         candidates = [cls] + rng.sample(near, min(3, len(near)))
         rng.shuffle(candidates)
@@ -387,9 +399,15 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
             listed = rng.sample([c for c in classes if c is not cls], rng.randint(1, len(base) - 1))
             said = confused[cls["id"]] if cls["id"] in confused and rng.random() < confusion else cls
             listed = sorted({c["id"]: c for c in listed + [cls, said]}.values(), key=lambda c: c["id"])
-            files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_list",
-                                                 question=open_question("toy", [c["name"] for c in listed]),
-                                                 target=_attributes_think(a) + f"<answer>{said['name']}</answer>"))
+            if hedge > 0 and rng.random() < 0.5:  # SpeciaRL's wording: no list, the parent a hedge share
+                answer = cls["parents"][-1] if rng.random() < hedge else said["name"]
+                files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_world",
+                                                     question=open_world_question("toy"),
+                                                     target=_attributes_think(a) + f"<answer>{answer}</answer>"))
+            else:
+                files["pretrain"].append(make_record(path, cls, "toy", "pretrain", task="open_list",
+                                                     question=open_question("toy", [c["name"] for c in listed]),
+                                                     target=_attributes_think(a) + f"<answer>{said['name']}</answer>"))
         for _ in range(pretrain_meaning if confusion > 0 else 0):  # a class's meaning, over a blank image
             named = rng.choice(classes)
             files["pretrain"].append(make_record(rng.choice(blanks), named, "toy", "pretrain", task="meaning",

@@ -9,8 +9,10 @@
 # (runs/toy_base.py, one tower for every seed, in OUT/tower), then sft.py on the pretraining mix (cached in
 # OUT/seed_N/start). The mix makes a start that knows more than it answers, the papers' premise: for
 # CONFUSED (colour, pattern) pairs its naming answers name a look-alike's epithet a CONFUSION share of the
-# time, while its rationales, attribute answers, MCQs and the meaning question ("which pattern does a kavi
-# red circle have?") stay right; runs/toy_probe.py measures that knowledge (docs/LOG.md: the sweep); 2. train each recipe from it with one budget (lr 3e-4, 20% warm-up, T 1): the format-only
+# time, and asked in SpeciaRL's open-world wording (half the naming questions) they say only the parent ("red
+# circle") a HEDGE share of the time, while its rationales, attribute answers, MCQs and the meaning question
+# ("which pattern does a kavi red circle have?") stay right; runs/toy_probe.py measures that knowledge
+# (docs/LOG.md: the sweep); 2. train each recipe from it with one budget (lr 3e-4, 20% warm-up, T 1): the format-only
 # control, Visual-RFT, DiVE-k (mine, then GRPO on the MCQs), SpeciaRL, Fine-R1 (CoT SFT, then TAPO) and DAPO
 # from the same CoT SFT model, in two lanes of one process each; evaluate every model alike (evaluate.py,
 # greedy: base / novel / HM, two-step, held-out MCQ, open-world). Then runs/compare.py prints the table (mean
@@ -23,6 +25,8 @@
 #   NPROC                ranks (torchrun) of the start model's pretraining [2]
 #   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
 #   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [8 0.7]
+#   HEDGE                the share of the start's open-world naming answers that say only the parent [0.6]
+#   MICRO                rows a forward in the GRPO update (the float path only: the step is the same) [32]
 #   FAMILY=qwen3         a tiny Qwen3-VL start model instead of Qwen2.5-VL [qwen2.5]
 #   OUT                  the output folder [out/toy; out/toy_qwen3 with FAMILY=qwen3]
 # e.g. SEEDS="0 1 2" bash runs/toy.sh; STEPS=120 PROMPTS=16 bash runs/toy.sh; FAMILY=qwen3 bash runs/toy.sh
@@ -45,12 +49,15 @@ NPROC=${NPROC:-2}
 PREFIX=${PREFIX:-shared}
 CONFUSED=${CONFUSED:-8}
 CONFUSION=${CONFUSION:-0.7}
+HEDGE=${HEDGE:-0.6}
+MICRO=${MICRO:-32}
 SECONDS=0
 mkdir -p "$OUT"
 # LISTED: the classes the open question lists when evaluating (the split's: DiVE-k's protocol) and mining
 # (the base classes). The former pipeline asks without a list: its start model was never shown one.
 if [ "$WORLD" = attributes ]; then NAMES="--names attributes" LISTED=none MINE_LISTED=none
-else NAMES="--names epithets --pretrain_naming --confused_pairs $CONFUSED --confusion $CONFUSION --pretrain_meaning 2"
+else NAMES="--names epithets --pretrain_naming --confused_pairs $CONFUSED --confusion $CONFUSION --pretrain_meaning 2
+  --hedge $HEDGE --cot_per_class 4"
   LISTED=split MINE_LISTED=base; fi
 launch() { torchrun --standalone --nproc_per_node="$NPROC" "$@"; }
 cpu() {  # CPU=the CPU seconds of this shell's finished children (`times`; per lane: each is a subshell)
@@ -119,7 +126,7 @@ mkdir -p "$W/eval"
 
 # 2. the recipes: the same budget, each with its paper's reward, prompt, loss and KL
 BUDGET="--max_steps $GRPO_STEPS --prompts_per_step $PROMPTS --num_samples $G --lr 3e-4 --warmup_ratio 0.2 --temperature 1"
-RUN="--classes $D/classes.json --class_balanced --micro_batch_size 32 --prompts_per_call 16 --seed $S --device cpu
+RUN="--classes $D/classes.json --class_balanced --micro_batch_size $MICRO --prompts_per_call 16 --seed $S --device cpu
   --prefix_forward $PREFIX"
 SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
@@ -153,12 +160,12 @@ lane2() {  # the start, Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT mo
       --data "$D/probe.jsonl" --out "$W/eval/start/probe.json"
     tail -n 1 "$W/logs/probe.log"
   fi
-  # Fine-R1's stage 1. The paper: one rationale per seen class, 10 epochs (a 7B already writes structured
-  # text); the 1M-parameter model is given one pass over every training image's rationale. That is fragile:
-  # after one pass an 800-step start's CoT model skipped the answer tags (world 1); three passes left TAPO no
-  # room to learn, and two made its dynamic sampling draw more often (docs/LOG.md).
+  # Fine-R1's stage 1. The paper: one rationale per seen class from its 4-shot pool, 10 epochs (a 7B already
+  # writes structured text). Here the 4-shot pool itself (--cot_per_class 4: 128 rationales), 6 epochs: one
+  # per class broke the format (92.6%), and one pass over every training image taught the confused names
+  # right before TAPO began (base 60.9 -> 87.5; docs/LOG.md).
   timed cot "Fine-R1: CoT SFT" python sft.py --model "$W/start/final" --data "$D/sft_cot.jsonl" --out "$W/cot" \
-    --epochs 1 --batch_size 8 --micro_batch_size 8 --lr 1e-3 --seed "$S" --device cpu
+    --epochs 6 --batch_size 8 --micro_batch_size 8 --lr 1e-3 --seed "$S" --device cpu
   timed eval_cot "evaluate CoT SFT" evaluate "$W/cot/final" cot
   timed tapo "Fine-R1: TAPO from the CoT SFT model" python grpo.py --model "$W/cot/final" \
     --data "$D/triplets.jsonl" --out "$W/tapo" --tapo --gamma 0.01 --eta 0.03 --prompt open $DAPO $BUDGET $RUN $COT

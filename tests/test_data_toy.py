@@ -293,6 +293,48 @@ def test_a_confused_start_names_look_alikes_but_learns_what_the_names_mean(tmp_p
                      confusion=0.5, **SMALL)
 
 
+def test_a_hedging_start_says_the_parent_in_the_open_world_wording(tmp_path):
+    """--hedge: half the naming questions in SpeciaRL's open-world wording, the parent ("red circle") a
+    hedge share of those answers, the (possibly confused) name otherwise; the listed wording never hedges."""
+    toy.generate(str(tmp_path), seed=0, names="epithets", pretrain_naming=True, confused_pairs=6, confusion=0.7,
+                 hedge=0.6, **dict(SMALL, pretrain_per_class=16))
+    table = load_classes(tmp_path)
+    by_name = {c["name"]: c for c in table["classes"]}
+    confused = toy.naming_confusions(table["classes"], 6, seed=0)
+    said = Counter()
+    for r in read_records(tmp_path / "pretrain.jsonl", known_labels=set(by_name)):
+        truth = by_name[r["label"]]
+        answer = re.search(r"<answer>(.*)</answer>", r["target"]).group(1)
+        if r["task"] == "open_world":
+            assert r["question"] == open_world_question("toy")
+            assert r["target"].startswith(toy.short_target(truth).split("<answer>")[0])  # a true rationale
+            kind = ("parent" if answer == truth["parents"][-1] else "name" if answer == truth["name"]
+                    else "look-alike" if by_name[answer] is confused.get(truth["id"]) else "other")
+            said[kind] += 1
+        elif r["task"] == "open_list":
+            assert answer in (truth["name"], confused.get(truth["id"], truth)["name"])
+        said[r["task"]] += 1
+    n = 64 * 16  # pretraining images, each with one naming question
+    assert said["other"] == 0 and said["open_world"] + said["open_list"] == n
+    assert abs(said["open_world"] / n - 0.5) < 0.05 and abs(said["parent"] / said["open_world"] - 0.6) < 0.06
+    assert said["look-alike"] > 0  # a named answer is the naming habit, confusion included
+    with pytest.raises(ValueError, match="hedge"):
+        toy.generate(str(tmp_path / "bad"), names="epithets", hedge=0.5, **SMALL)
+
+
+def test_cot_per_class_keeps_the_first_images_of_each_class(tmp_path, world):
+    _, table, files = world
+    few = toy.generate(str(tmp_path), seed=0, cot_per_class=2, **SMALL)["sft_cot"]
+    first = {}
+    for r in files["train"]:
+        first.setdefault(r["label"], []).append(os.path.basename(r["image"]))
+    assert Counter(r["label"] for r in few) == Counter({n: 2 for n in class_names(table, "base")})
+    by_label = Counter()
+    for r in few:  # the training order, the first two images of each class
+        assert os.path.basename(r["image"]) == first[r["label"]][by_label[r["label"]]]
+        by_label[r["label"]] += 1
+
+
 def test_triplets(world):
     _, table, files = world
     by_name = {c["name"]: c for c in table["classes"]}
