@@ -21,7 +21,9 @@ the world's and the start model's luck), m = its mean and s = its standard devia
 One seed has no s, so no verdict: the difference is printed alone. SpeciaRL's claim has two parts
 (specificity rises, correctness does not fall): reproduced when the first is reproduced and the second
 not contradicted; opposite when either is contradicted (specificity falls, or correctness falls, beyond
-noise); within noise otherwise.
+noise); within noise otherwise. A recipe's own objective is judged as its issue asks: it improves when its
+mean change exceeds twice its standard error (s / sqrt(n)) and the format-only control's change of the same
+number (`objective_verdict`). Every difference is printed as mean ± s (SE s / sqrt(n)).
 """
 
 import argparse
@@ -112,50 +114,66 @@ OBJECTIVES = [  # (run, the held-out number its recipe trains for, the run it st
 CONTROL_BAND = 3.0  # points: how far the format-only control's HM may move and still count as unmoved
 
 
-def objective_verdict(diffs, kind):
+def standard_error(diffs):
+    """The standard error of the mean of per-seed differences (s / sqrt(n)); None for fewer than two."""
+    m, sd, n = mean_std(diffs)
+    return None if sd is None else sd / n ** 0.5
+
+
+def objective_verdict(diffs, kind, control=None):
     """Whether a recipe moved its own held-out number from its start (per-seed differences, in points):
-    rise: 'improves' (m > s > 0 by the module's rule, or m > 0 on one seed: printed as such), 'within noise',
-    'worse'; keep: 'kept' unless it falls beyond noise ('falls'); control: 'unmoved' when |m| <= 3 points."""
+    rise: 'improves' when the mean change exceeds twice its standard error and the format-only control's
+    change of the same number (`control`, its mean; m > 0 on one seed: printed as such), 'worse' when it falls
+    by more than twice its standard error, 'within noise' otherwise; keep: 'kept' unless it falls beyond noise
+    ('falls': the module's rule); control: 'unmoved' when |m| <= 3 points."""
     m, sd, n = mean_std(diffs)
     if m is None:
         return "-"
     if kind == "control":
         return "unmoved" if abs(m) <= CONTROL_BAND else "moved"
-    v = verdict(diffs) if n > 1 else ("reproduced" if m > 0 else "opposite" if m < 0 else "within noise")
-    one = " (one seed)" if n == 1 else ""
     if kind == "keep":
-        return ("falls" if v == "opposite" else "kept") + one
-    return {"reproduced": "improves", "opposite": "worse"}.get(v, "within noise") + one
+        v = verdict(diffs) if n > 1 else ("opposite" if m < 0 else "reproduced")
+        return ("falls" if v == "opposite" else "kept") + (" (one seed)" if n == 1 else "")
+    if n == 1:
+        return ("improves" if m > 0 else "worse" if m < 0 else "within noise") + " (one seed)"
+    se = standard_error(diffs)
+    if m > 2 * se and (control is None or m > control):
+        return "improves"
+    return "worse" if m < -2 * se else "within noise"
 
 
 def objectives(values):
     """[(recipe, objective, its start's mean, the recipe's mean, per-seed differences, verdict)] for the runs
-    present in `values`: what each recipe trains for, measured on held-out images against the model it starts from."""
+    present in `values`: what each recipe trains for, measured on held-out images against the model it starts
+    from, and beside the format-only control's change of the same number (GRPO with no task signal)."""
     names, out = dict(RUNS), []
     for run, header, start, kind in OBJECTIVES:
         if run in values and start in values:
             d = differences(values, run, start, header)
+            control = (mean_std(differences(values, "format", "start", header))[0]
+                       if "format" in values and "start" in values and run != "format" else None)
             out.append((names[run], f"{header} (from {names[start]})", mean_std(values[start][header])[0],
-                        mean_std(values[run][header])[0], d, objective_verdict(d, kind)))
+                        mean_std(values[run][header])[0], d, objective_verdict(d, kind, control)))
     return out
 
 
+def spread(d):
+    """'+m ± s (SE e)' for per-seed differences; '+m' for one seed; '-' for none."""
+    m, sd, n = mean_std(d)
+    if m is None:
+        return "-"
+    return f"{m:+.1f}" + (f" ± {sd:.1f} (SE {sd / n ** 0.5:.1f})" if sd is not None else "")
+
+
 def format_objectives(rows, n_seeds):
-    body = []
-    for name, objective, a, b, d, v in rows:
-        m, sd, _ = mean_std(d)
-        body.append([name, objective, f"{a:.1f}", f"{b:.1f}",
-                     "-" if m is None else f"{m:+.1f}" + (f" ± {sd:.1f}" if sd is not None else ""), v])
+    body = [[name, objective, f"{a:.1f}", f"{b:.1f}", spread(d), v] for name, objective, a, b, d, v in rows]
     seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
     return text_table(["own objective (held out)", "number", "start", "after", f"change ({seeds})", "verdict"], body)
 
 
 def format_claims(rows, n_seeds):
-    body = []
-    for claim, paper, d, v in rows:
-        m, sd, n = mean_std(d)
-        here = "-" if m is None else f"{m:+.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
-        body.append([claim, paper, here, v or ("one seed: no verdict" if n == 1 else "-")])
+    body = [[claim, paper, spread(d), v or ("one seed: no verdict" if len(d) == 1 else "-")]
+            for claim, paper, d, v in rows]
     return text_table(["claim", "paper", f"here ({n_seeds} seed{'s' if n_seeds > 1 else ''})", "verdict"], body)
 
 

@@ -216,7 +216,15 @@ def test_objectives_measure_each_recipe_against_the_model_it_starts_from():
     one = {run: {k: v[:1] for k, v in cols_.items()} for run, cols_ in values.items()}
     assert {v for n, o, *_, v in compare.objectives(one) if n == "Visual-RFT"} == {"improves (one seed)"}
     table = compare.format_objectives(compare.objectives(values), 3)
-    assert "+4.0 ± 1.0" in table and "unmoved" not in table and "moved" in table
+    assert "+4.0 ± 1.0 (SE 0.6)" in table and "unmoved" not in table and "moved" in table
+    # a rise counts when it exceeds twice its standard error (m 2.2, s 2.0: more than s, less than 2 s / sqrt 3)
+    values["exact"]["base"] = [40.2, 44.2, 42.2]
+    assert compare.objectives(values)[1][-1] == "within noise"
+    values["exact"]["base"] = [45, 46, 41]
+    assert compare.objectives(values)[1][-1] == "improves"
+    # ... and the control's change of the same number: GRPO with no task signal moving base by +10 would hide it
+    values["format"]["base"] = [50, 50, 50]
+    assert compare.objectives(values)[1][-1] == "within noise"
 
 
 def test_the_start_block_reads_greedy_top5_and_probe_against_the_bands(tmp_path):
