@@ -129,8 +129,12 @@ BUDGET="--max_steps $GRPO_STEPS --prompts_per_step $PROMPTS --num_samples $G --l
 RUN="--classes $D/classes.json --class_balanced --micro_batch_size $MICRO --prompts_per_call 16 --seed $S --device cpu
   --prefix_forward $PREFIX"
 SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
-COT="--max_new_tokens 64"    # Fine-R1's rationales: ~50 tokens
-DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99"
+# Fine-R1's rationales: ~50 tokens. DAPO's room and its soft overlong punishment, as its code has them (a
+# response limit far above the usual length, the last part of it penalised linearly): at 64 tokens a third of
+# the CoT model's T 1 rationales were cut off, each a format failure, and its rollouts drifted into loops
+COT="--max_new_tokens 96"
+DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99
+  --overlong_cache 32"
 
 lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
