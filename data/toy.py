@@ -365,9 +365,11 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
     rng = random.Random(f"{seed}:sft_cot")
     cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy")]
     files["sft_cot"] = []
-    seen = {}  # the first cot_per_class images of each class, in the training order (all of them with 0)
-    cot_items = [(p, c) for p, c in train_items
-                 if not cot_per_class or seen.setdefault(c["id"], []).append(p) or len(seen[c["id"]]) <= cot_per_class]
+    cot_items, taken = [], {}  # the first cot_per_class images of each class, in training order (0: all)
+    for path, cls in train_items:
+        taken[cls["id"]] = taken.get(cls["id"], 0) + 1
+        if not cot_per_class or taken[cls["id"]] <= cot_per_class:
+            cot_items.append((path, cls))
     for i, (path, cls) in enumerate(cot_items):
         near = [c for c in lookalikes(cls, classes) if c["base"]]
         candidates = [cls] + rng.sample(near, min(3, len(near)))
