@@ -23,17 +23,19 @@ One seed has no s, so no verdict: the difference is printed alone. SpeciaRL's cl
 not contradicted; opposite when either is contradicted (specificity falls, or correctness falls, beyond
 noise); within noise otherwise. A recipe's own objective is judged as its issue asks: it improves when its
 mean change exceeds twice its standard error (s / sqrt(n)) and the format-only control's change of the same
-number (`objective_verdict`). Every difference is printed as mean ± s (SE s / sqrt(n)).
+number (`objective_verdict`). Every difference is printed as mean ± s (SE s / sqrt(n)); beside each claim, the
+SE its mean would have from the test set alone (`test_set_floor`: a paired bootstrap over the test classes).
 """
 
 import argparse
 import json
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import read_jsonl  # noqa: E402
-from metrics import headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
+from metrics import compute_metrics, headline, mean_std, plot_bars, plot_curves, summary, text_table  # noqa: E402
 
 RUNS = [  # (folder, row name), in the table's order; runs/toy.sh trains and evaluates each
     ("start", "start"),
@@ -99,6 +101,51 @@ def claims(values):
     if "tapo" in values and "dapo" in values:
         d = differences(values, "tapo", "dapo", "HM")
         out.append(("Fine-R1: TAPO - DAPO, HM", "> 0 (the paper's ablation)", d, verdict(d)))
+    return out
+
+
+CLAIM_NUMBERS = {  # claim -> (run a, run b, evaluate.py mode, metric): the number `claims` takes b from a in
+    "DiVE-k - Visual-RFT, HM": ("divek", "exact", "open", "hm"),
+    "SpeciaRL - start, specific": ("speciarl", "start", "open_world", "specificity"),
+    "SpeciaRL - start, correct": ("speciarl", "start", "open_world", "correctness"),
+    "Fine-R1: TAPO - DAPO, HM": ("tapo", "dapo", "open", "hm"),
+}
+
+
+def class_bootstrap_se(folder, a, b, mode, metric, draws=500, seed=0):
+    """The test set's part of a claim's noise in one world: the standard deviation, in points, of metric(a) -
+    metric(b) over paired resamples of the test classes (base and novel classes each drawn with replacement,
+    every image of a drawn class in: a class's images share its name, so the class is the unit, as in
+    runs/toy_errors.py). None when either run's predictions are missing."""
+    rows = {}
+    for run in (a, b):
+        path = os.path.join(folder, "eval", run, f"predictions_{mode}.jsonl")
+        if not os.path.exists(path):
+            return None
+        rows[run] = {}
+        for r in read_jsonl(path):
+            if "skipped" not in r:
+                rows[run].setdefault(r["label"], []).append(r)
+    classes = sorted(set(rows[a]) & set(rows[b]))
+    strata = [[c for c in classes if rows[a][c][0].get("base", True) == side] for side in (True, False)]
+    rng, diffs = random.Random(seed), []
+    for _ in range(draws):
+        drawn = [rng.choice(stratum) for stratum in strata for _ in stratum]
+        m = [compute_metrics([r for c in drawn for r in rows[run][c]])["mean"][metric] for run in (a, b)]
+        diffs.append(100 * (m[0] - m[1]))
+    mu = sum(diffs) / draws
+    return (sum((d - mu) ** 2 for d in diffs) / draws) ** 0.5
+
+
+def test_set_floor(folders, draws=500):
+    """{claim: the standard error its mean over the folders would have from the test set alone}: sqrt(sum of
+    each world's class_bootstrap_se squared) / n. A claim's SE over worlds cannot fall below it however
+    alike the worlds are; more test images of the same classes lower only its within-class part."""
+    out = {}
+    for claim, (a, b, mode, metric) in CLAIM_NUMBERS.items():
+        se = [class_bootstrap_se(f, a, b, mode, metric, draws) for f in folders]
+        if se and all(x is not None for x in se):
+            out[claim] = sum(x * x for x in se) ** 0.5 / len(se)
     return out
 
 
@@ -171,10 +218,13 @@ def format_objectives(rows, n_seeds):
     return text_table(["own objective (held out)", "number", "start", "after", f"change ({seeds})", "verdict"], body)
 
 
-def format_claims(rows, n_seeds):
-    body = [[claim, paper, spread(d), v or ("one seed: no verdict" if len(d) == 1 else "-")]
-            for claim, paper, d, v in rows]
-    return text_table(["claim", "paper", f"here ({n_seeds} seed{'s' if n_seeds > 1 else ''})", "verdict"], body)
+def format_claims(rows, n_seeds, floors=None):
+    """The claims table; with `floors` (test_set_floor) a column of each claim's SE from the test set alone."""
+    floors = floors or {}
+    body = [[claim, paper, spread(d)] + ([f"{floors[claim]:.1f}" if claim in floors else "-"] if floors else [])
+            + [v or ("one seed: no verdict" if len(d) == 1 else "-")] for claim, paper, d, v in rows]
+    header = ["claim", "paper", f"here ({n_seeds} seed{'s' if n_seeds > 1 else ''})"]
+    return text_table(header + (["SE of the test set"] if floors else []) + ["verdict"], body)
 
 
 def reward_rise(rewards):
@@ -269,7 +319,7 @@ def main(argv=None):
     if "start" in values:
         print(format_start(start_knowledge(args.folders, values), args.folders))
         print()
-    print(format_claims(claims(values), len(args.folders)))
+    print(format_claims(claims(values), len(args.folders), test_set_floor(args.folders)))
     own = objectives(values)
     if own:
         print()

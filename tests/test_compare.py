@@ -273,3 +273,37 @@ def test_the_knowledge_probe_scores_the_pattern_word(tiny_dir, tmp_path, monkeyp
     monkeypatch.setattr(toy_probe.vlm.Processor, "from_pretrained", lambda *a, **k: Texts(real(*a, **k)))
     toy_probe.main(["--model", tiny_dir, "--data", data, "--out", out])
     assert json.load(open(out)) == {"n": 256, "right": 128, "acc": 50.0, "format": 75.0}
+
+
+def _predictions(folder, run, mode, right):
+    """predictions_<mode>.jsonl of `run`: 16 base and 16 novel classes, 4 images each; `right(cls)` says
+    whether every image of a class is answered right."""
+    path = folder / "eval" / run
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / f"predictions_{mode}.jsonl", "w") as f:
+        for c in range(32):
+            for i in range(4):
+                f.write(json.dumps({"label": f"class {c}", "base": c < 16, "dataset": "toy", "mode": mode,
+                                    "correct": right(c), "inclusion": right(c)}) + "\n")
+
+
+def test_the_test_sets_part_of_a_claims_noise_is_a_paired_bootstrap_over_classes(tmp_path):
+    # a right on half the base classes, b on none: base accuracy differs by 50 points, and over resamples of
+    # 16 classes by the binomial spread of a class share, 100 * sqrt(0.25 / 16) = 12.5 points
+    _predictions(tmp_path, "a", "open", lambda c: c % 2 == 0)
+    _predictions(tmp_path, "b", "open", lambda c: False)
+    _predictions(tmp_path, "c", "open", lambda c: c % 2 == 0)
+    se = compare.class_bootstrap_se(tmp_path, "a", "b", "open", "base_acc", draws=2000)
+    assert se == pytest.approx(12.5, rel=0.1)
+    assert compare.class_bootstrap_se(tmp_path, "a", "c", "open", "base_acc") == 0.0  # paired: the same answers
+    assert compare.class_bootstrap_se(tmp_path, "a", "missing", "open", "base_acc") is None
+    # over worlds the floor is sqrt(sum of squares) / n
+    for w in ("w0", "w1"):
+        _predictions(tmp_path / w, "divek", "open", lambda c: c % 2 == 0)
+        _predictions(tmp_path / w, "exact", "open", lambda c: c % 4 == 0)
+    floors = compare.test_set_floor([tmp_path / "w0", tmp_path / "w1"], draws=200)
+    one = compare.class_bootstrap_se(tmp_path / "w0", "divek", "exact", "open", "hm", draws=200)
+    assert list(floors) == ["DiVE-k - Visual-RFT, HM"] and floors["DiVE-k - Visual-RFT, HM"] == pytest.approx(
+        (2 * one ** 2) ** 0.5 / 2) and one > 0
+    table = compare.format_claims([("DiVE-k - Visual-RFT, HM", "+6.16", [1.0, 2.0], "within noise")], 2, floors)
+    assert "SE of the test set" in table and f"{floors['DiVE-k - Visual-RFT, HM']:.1f}" in table
