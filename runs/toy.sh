@@ -130,8 +130,8 @@ RUN="--classes $D/classes.json --class_balanced --micro_batch_size $MICRO --prom
   --prefix_forward $PREFIX"
 SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
 # Fine-R1's rationales: ~50 tokens. DAPO's room and its soft overlong punishment, as its code has them (a
-# response limit far above the usual length, the last part of it penalised linearly): at 64 tokens a third of
-# the CoT model's T 1 rationales were cut off, each a format failure, and its rollouts drifted into loops
+# response limit far above the usual length, the last part of it penalised linearly): with 64 tokens, a third
+# of the CoT model's T 1 rationales failed the format at TAPO's first step and its rationales drifted into loops
 COT="--max_new_tokens 96"
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99
   --overlong_cache 32"
