@@ -22,6 +22,7 @@
 #   SEEDS="0 1 2"        the world seeds, one folder OUT/seed_N each [0]
 #   WORLD=attributes     the former world: names that spell out the attributes, recipes from an SFT [epithets]
 #   STEPS PROMPTS G      the GRPO budget, the same for every recipe: steps, prompts a step, samples [48 16 8]
+#   LR                   the GRPO learning rate, the same for every recipe [3e-4]
 #   NPROC                ranks (torchrun) of the start model's pretraining [2]
 #   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
 #   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [8 0.7]
@@ -45,6 +46,7 @@ WORLD=${WORLD:-epithets}
 GRPO_STEPS=${STEPS:-48}
 PROMPTS=${PROMPTS:-16}
 G=${G:-8}
+LR=${LR:-3e-4}
 NPROC=${NPROC:-2}
 PREFIX=${PREFIX:-shared}
 CONFUSED=${CONFUSED:-8}
@@ -125,7 +127,7 @@ rm -rf "$W/eval" "$W/mine" "$W/cot" "$W/format" "$W/exact" "$W/divek" "$W/specia
 mkdir -p "$W/eval"
 
 # 2. the recipes: the same budget, each with its paper's reward, prompt, loss and KL
-BUDGET="--max_steps $GRPO_STEPS --prompts_per_step $PROMPTS --num_samples $G --lr 3e-4 --warmup_ratio 0.2 --temperature 1"
+BUDGET="--max_steps $GRPO_STEPS --prompts_per_step $PROMPTS --num_samples $G --lr $LR --warmup_ratio 0.2 --temperature 1"
 RUN="--classes $D/classes.json --class_balanced --micro_batch_size $MICRO --prompts_per_call 16 --seed $S --device cpu
   --prefix_forward $PREFIX"
 SHORT="--max_new_tokens 32"  # the start model's answers: ~20 tokens
