@@ -209,7 +209,7 @@ def spread(d):
     m, sd, n = mean_std(d)
     if m is None:
         return "-"
-    return f"{m:+.1f}" + (f" ± {sd:.1f} (SE {sd / n ** 0.5:.1f})" if sd is not None else "")
+    return f"{m:+.1f}" + (f" ± {sd:.1f} (SE {standard_error(d):.1f})" if sd is not None else "")
 
 
 def format_objectives(rows, n_seeds):
