@@ -3,11 +3,12 @@
     python runs/toy_probe.py --model out/toy/seed_0/start/final --data out/toy/seed_0/data/probe.jsonl \
         --out out/toy/seed_0/eval/start/probe.json
 
-probe.jsonl (data.prepare toy --confusion > 0; field "expected": the pattern) asks, for every class, base and novel, "Which pattern does a
-kavi red circle have?" over a blank image (no shape: the image cannot answer it, and no blank image is
-ever named), so only the model's knowledge of the epithets can. A start made to know more than it answers (the naming
-confusions of data/toy.py) should answer this right while its greedy names are often wrong. Greedy
-answers; an answer is right when it is the pattern's word. Writes {"n", "right", "acc", "format"}.
+probe.jsonl (data.prepare toy --confusion > 0; field "expected": the pattern) asks, for every class, base and
+novel, "Which pattern does a kavi red circle have?" over a blank image (no shape: the image cannot answer it,
+and no blank image is ever named), so only the model's knowledge of the epithets can. A start made to know
+more than it answers (the naming confusions of data/toy.py) should answer this right while its greedy names
+are often wrong. Greedy answers; an answer is right when it is the pattern's word, normalised as the exact-
+match reward normalises names (reward.normalize). Writes {"n", "right", "acc", "format"}.
 """
 
 import argparse
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm  # noqa: E402
 from data.records import atomic_write, load_image, read_records  # noqa: E402
 from engine import sample_completions  # noqa: E402
-from reward import extract_answer, format_ok  # noqa: E402
+from reward import extract_answer, format_ok, normalize  # noqa: E402
 
 
 def probe(model, processor, records, batch_size=64, max_new_tokens=32):
@@ -34,7 +35,7 @@ def probe(model, processor, records, batch_size=64, max_new_tokens=32):
         roll = sample_completions(model, batch, max_new_tokens=max_new_tokens, greedy=True,
                                   **processor.sampling_tokens)
         for rec, text in zip(recs, processor.decode(roll.completion_ids, roll.completion_mask)):
-            right.append((extract_answer(text) or "").strip().lower() == rec["expected"])
+            right.append(normalize(extract_answer(text) or "") == normalize(rec["expected"]))
             formats.append(format_ok(text))
     return right, formats
 
