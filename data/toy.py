@@ -25,9 +25,9 @@ Files written (all in the record format of data/records.py, images as PNG under 
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
   look-alikes -> comparison -> prediction) on the train images (or the first `cot_per_class` of each
   class: Fine-R1's few-shot pool), asked in turn with Fine-R1's open
-  question, with DiVE-k's list of the base classes and in SpeciaRL's open-world wording (the three
-  questions the toy comparison asks: a 1M-parameter model does not carry a format over to a wording
-  it was never shown);
+  question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording and as an MCQ whose
+  options are the candidates, answered with the option's text (the four questions the toy comparison
+  asks: a 1M-parameter model does not carry a format over to a wording it was never shown);
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
@@ -363,7 +363,7 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
                                 target=short_target(c)) for i, (p, c) in enumerate(train_items)]
 
     rng = random.Random(f"{seed}:sft_cot")
-    cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy")]
+    cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy"), "mcq"]
     files["sft_cot"] = []
     cot_items, taken = [], {}  # the first cot_per_class images of each class, in training order (0: all)
     for path, cls in train_items:
@@ -374,8 +374,13 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         near = [c for c in lookalikes(cls, classes) if c["base"]]
         candidates = [cls] + rng.sample(near, min(3, len(near)))
         rng.shuffle(candidates)
-        files["sft_cot"].append(make_record(path, cls, "toy", "train", question=cot_questions[i % 3],
-                                            target=cot_target(cls, candidates)))
+        asked = cot_questions[i % len(cot_questions)]
+        if asked == "mcq":  # the candidates are the options, compared in their order, answered with the text
+            names = [c["name"] for c in candidates]
+            mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[candidates.index(cls)]}
+        else:
+            mcq = {"question": asked}
+        files["sft_cot"].append(make_record(path, cls, "toy", "train", target=cot_target(cls, candidates), **mcq))
 
     confused = naming_confusions(classes, confused_pairs, seed) if confusion > 0 else {}
     blanks = _draw_blanks(out, "pretrain", 32, seed, size) if confusion > 0 else []

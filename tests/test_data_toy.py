@@ -188,9 +188,10 @@ def test_cot_targets_follow_the_fine_r1_format(world):
     base = set(class_names(table, "base"))
     by_name = {c["name"]: c["attributes"] for c in table["classes"]}
     assert [r["image"] for r in files["sft_cot"]] == [r["image"] for r in files["train"]]
-    assert [r["question"] for r in files["sft_cot"][:3]] == [  # the three wordings the toy comparison asks, in turn
+    assert [r["question"] for r in files["sft_cot"][:3]] == [  # the four wordings the toy comparison asks, in turn
         open_question("toy"), open_question("toy", class_names(table, "base")), open_world_question("toy")]
-    for r in files["sft_cot"]:
+    for i, r in enumerate(files["sft_cot"]):
+        assert ("options" in r) == (i % 4 == 3)
         think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", r["target"], re.S).groups()
         assert answer == r["label"]
         a = by_name[r["label"]]
@@ -202,6 +203,9 @@ def test_cot_targets_follow_the_fine_r1_format(world):
             wrong = [k for k in toy.ATTRIBUTES if by_name[name][k] != a[k]]
             assert text == f"{name}: {by_name[name][wrong[0]] if wrong else 'matches'}"
         assert think.endswith(f"Prediction: {r['label']}.")
+        if "options" in r:  # the MCQ: its options are the candidates, in the order compared
+            assert r["options"] == candidates and r["question"] == mcq_question("toy", candidates)
+            assert r["options"][LETTERS.index(r["answer"])] == r["label"]
 
 
 def test_pretrain_covers_all_classes_and_never_asks_for_a_name_openly(world):
