@@ -25,8 +25,9 @@ Files written (all in the record format of data/records.py, images as PNG under 
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
   look-alikes -> comparison -> prediction) on the train images (or the first `cot_per_class` of each
   class: Fine-R1's few-shot pool), asked in turn with Fine-R1's open
-  question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording and as an MCQ whose
-  options are the candidates, answered with the option's text (the four questions the toy comparison
+  question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording and as the held-out
+  MCQ (8 options, a cube: the candidates are the class and the 3 options one attribute away), answered with
+  the option's text (the four questions the toy comparison
   asks: a 1M-parameter model does not carry a format over to a wording it was never shown);
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
@@ -375,9 +376,13 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
         candidates = [cls] + rng.sample(near, min(3, len(near)))
         rng.shuffle(candidates)
         asked = cot_questions[i % len(cot_questions)]
-        if asked == "mcq":  # the candidates are the options, compared in their order, answered with the text
-            names = [c["name"] for c in candidates]
-            mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[candidates.index(cls)]}
+        if asked == "mcq":  # the held-out MCQ's 8 options (a cube around the class); the candidates compared,
+            # in the options' order, are the class and the 3 options one attribute away; answered with the text
+            options = [cls] + mcq_cube(cls, classes, rng)
+            rng.shuffle(options)
+            candidates = [c for c in options if sum(c["attributes"][k] != cls["attributes"][k] for k in ATTRIBUTES) <= 1]
+            names = [c["name"] for c in options]
+            mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
         else:
             mcq = {"question": asked}
         files["sft_cot"].append(make_record(path, cls, "toy", "train", target=cot_target(cls, candidates), **mcq))
