@@ -7,7 +7,9 @@ Each folder is one world (one seed) as runs/toy.sh leaves it: eval/<run>/metrics
 <run>/log.jsonl (grpo.py) for the runs in RUNS. It prints one row per run, then for each paper its
 headline claim, the paper's number, the same difference here and a verdict, then whether each recipe moved
 the held-out number it trains for from the model it starts from (`objectives`: the same rule; the format-only
-control should stay within 3 points), then whether each GRPO run's training reward rose
+control should stay within 3 points), then each model's held-out format (the worst world's share per question,
+`held_out_format`: at least 95% everywhere, or the model has lost it), then whether each GRPO run's training
+reward rose
 (`training_rewards`); and writes, beside the
 folders (or in --out), curves.png (each GRPO run's reward, accuracy, KL, entropy and completion length
 per step, averaged over seeds) and accuracy.png (base / novel / HM per run, ± std over seeds).
@@ -267,6 +269,41 @@ def format_training_rewards(rows, n_seeds):
     return text_table([f"training reward ({seeds})", "first quarter", "last quarter", "rise ± SE", "verdict"], body)
 
 
+FORMAT_MODES = [("open", "open"), ("two_step", "two-step"), ("open_world", "open-world"), ("mcq", "MCQ")]
+FORMAT_FLOOR = 95.0  # %: a model that answers fewer held-out questions in format has lost its format
+
+
+def held_out_format(folders):
+    """[(run name, {header: [format % per folder, None where not evaluated]})] for the runs evaluated in any
+    folder: the share of each held-out question's answers in the <think></think><answer></answer> format."""
+    out = []
+    for run, name in RUNS:
+        row = {}
+        for mode, header in FORMAT_MODES:
+            shares = []
+            for f in folders:
+                path = os.path.join(f, "eval", run, f"metrics_{mode}.json")
+                value = None
+                if os.path.exists(path):
+                    with open(path) as fh:
+                        value = json.load(fh)["mean"].get("format")
+                shares.append(None if value is None else 100 * value)
+            row[header] = shares
+        if any(v is not None for shares in row.values() for v in shares):
+            out.append((name, row))
+    return out
+
+
+def format_held_out_format(rows):
+    """The lowest share over the worlds per question, and whether every world is at FORMAT_FLOOR or above."""
+    body = []
+    for name, row in rows:
+        cells = [[v for v in row[h] if v is not None] for _, h in FORMAT_MODES]
+        body.append([name] + [f"{min(c):.1f}" if c else "-" for c in cells]
+                    + ["yes" if all(v >= FORMAT_FLOOR for c in cells for v in c) else "no"])
+    return text_table(["format (%, worst world)"] + [h for _, h in FORMAT_MODES] + [f">= {FORMAT_FLOOR:.0f}"], body)
+
+
 # the start a recipe can improve on: greedy answers often wrong while the knowledge is there (docs/LOG.md)
 START_BANDS = {"greedy base": (45, 70), "greedy novel": (45, 70), "top-5": (85, 100), "probe": (90, 100)}
 
@@ -324,6 +361,10 @@ def main(argv=None):
     if own:
         print()
         print(format_objectives(own, len(args.folders)))
+    formats = held_out_format(args.folders)
+    if formats:
+        print()
+        print(format_held_out_format(formats))
     rises = training_rewards(args.folders)
     if rises:
         print()

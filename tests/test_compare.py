@@ -307,3 +307,22 @@ def test_the_test_sets_part_of_a_claims_noise_is_a_paired_bootstrap_over_classes
         (2 * one ** 2) ** 0.5 / 2) and one > 0
     table = compare.format_claims([("DiVE-k - Visual-RFT, HM", "+6.16", [1.0, 2.0], "within noise")], 2, floors)
     assert "SE of the test set" in table and f"{floors['DiVE-k - Visual-RFT, HM']:.1f}" in table
+
+
+def test_held_out_format_reports_the_worst_world_per_question(tmp_path, capsys):
+    folders = [fake_world(str(tmp_path), s) for s in range(2)]
+    for seed, share in ((0, 1.0), (1, 0.9)):  # Fine-R1 answers 90% of world 1's MCQs in format
+        write_eval(os.path.join(folders[seed], "eval", "tapo"), mcq={"acc": 0.5, "format": share},
+                   open_={"base_acc": 0.6, "novel_acc": 0.4, "hm": 0.48, "format": 1.0})
+    write_eval(os.path.join(folders[0], "eval", "exact"), open_={"base_acc": 0.5, "novel_acc": 0.3, "hm": 0.375,
+                                                                 "format": 0.96})
+    rows = dict(compare.held_out_format(folders))
+    assert rows["Fine-R1"]["MCQ"] == pytest.approx([100.0, 90.0]) and rows["Fine-R1"]["open"] == [100.0, 100.0]
+    assert rows["Visual-RFT"]["open"] == pytest.approx([96.0, None]) and rows["Visual-RFT"]["MCQ"] == [None, None]
+    assert "start" not in rows  # fake_world's metrics carry no format share
+    compare.main(folders + ["--no_plots"])
+    out = capsys.readouterr().out
+    block = out[out.index("format (%, worst world)"):].split("\n\n")[0].splitlines()
+    lines = {line.split("  ")[0]: line.split() for line in block[2:]}
+    assert lines["Fine-R1"][-5:] == ["100.0", "-", "-", "90.0", "no"]
+    assert lines["Visual-RFT"][-5:] == ["96.0", "-", "-", "-", "yes"]
