@@ -2,6 +2,8 @@
 
     python runs/compare.py out/toy/seed_0                      # one world: the table, the differences
     python runs/compare.py out/toy/seed_0 out/toy/seed_1 ...   # several: mean ± std per cell, verdicts
+    python runs/compare.py out/toy_micro16/seed_0 --reference out/toy/seed_0 out/toy/seed_1 out/toy/seed_2
+                                       # a world rerun with its float path perturbed, cell by cell against its SE
 
 Each folder is one world (one seed) as runs/toy.sh leaves it: eval/<run>/metrics_*.json (evaluate.py) and
 <run>/log.jsonl (grpo.py) for the runs in RUNS. It prints one row per run, then for each paper its
@@ -331,6 +333,38 @@ def format_start(rows, folders):
     return text_table(["start (%)"] + list(START_BANDS) + ["in bands"], body) + f"\n  bands: {bands}"
 
 
+def perturbation(folder, reference):
+    """(rows, outside, total): each cell of `folder` (one world, its float path perturbed) minus the same cell
+    of the unperturbed run of that world (the folder of `reference` with the same name, e.g. seed_0), beside
+    the cell's standard error over `reference` (the unperturbed worlds): rows = [(run name, [(difference,
+    SE)])], outside = how many differences exceed their SE."""
+    same = [r for r in reference if os.path.basename(os.path.normpath(r)) == os.path.basename(os.path.normpath(folder))]
+    if len(same) != 1:
+        raise SystemExit(f"--reference: no single unperturbed folder named like {folder} among {reference}")
+    here, there, worlds = collect([folder]), collect(same), collect(reference)
+    rows, outside, total = [], 0, 0
+    for run, name in RUNS:
+        if run not in here or run not in there:
+            continue
+        cells = []
+        for *_, h in COLUMNS:
+            a, b = here[run][h][0], there[run][h][0]
+            se = standard_error(worlds[run][h])
+            cells.append(None if a is None or b is None or se is None else (a - b, se))
+            if cells[-1] is not None:
+                total += 1
+                outside += abs(a - b) > se
+        rows.append((name, cells))
+    return rows, outside, total
+
+
+def format_perturbation(rows, outside, total):
+    body = [[name] + ["-" if c is None else f"{c[0]:+.1f}{'*' if abs(c[0]) > c[1] else ' '}({c[1]:4.1f})" for c in cells]
+            for name, cells in rows]
+    return (text_table(["perturbed - unperturbed (SE)"] + [h for *_, h in COLUMNS], body)
+            + f"\n  {outside} of {total} cells outside their SE over the unperturbed worlds (*)")
+
+
 def collect(folders):
     """{run: {header: [value per folder, in % or None]}} for the runs evaluated in any folder."""
     values = {}
@@ -346,7 +380,17 @@ def main(argv=None):
     ap.add_argument("folders", nargs="+", help="one runs/toy.sh output folder per seed (OUT/seed_N)")
     ap.add_argument("--out", default=None, help="folder for the PNGs (default: the folders' parent)")
     ap.add_argument("--no_plots", action="store_true")
+    ap.add_argument("--reference", nargs="+", default=None,
+                    help="the unperturbed worlds (OUT/seed_N ...): print each folder's cells against the unperturbed "
+                         "run of its world, beside the cell's SE over them (runs/toy.sh's PREFIX or MICRO perturbs)")
     args = ap.parse_args(argv)
+    if args.reference:
+        for folder in args.folders:
+            print(f"{folder} against {args.reference}:")
+            print(format_perturbation(*perturbation(folder, args.reference)))
+            print(format_held_out_format(held_out_format([folder])))
+            print()
+        return
     values = collect(args.folders)
     names = dict(RUNS)
     evals = [os.path.join(f, "eval", run) for run in values for f in args.folders]

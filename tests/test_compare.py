@@ -326,3 +326,22 @@ def test_held_out_format_reports_the_worst_world_per_question(tmp_path, capsys):
     lines = {line.split("  ")[0]: line.split() for line in block[2:]}
     assert lines["Fine-R1"][-5:] == ["100.0", "-", "-", "90.0", "no"]
     assert lines["Visual-RFT"][-5:] == ["96.0", "-", "-", "-", "yes"]
+
+
+def test_a_perturbed_world_is_compared_cell_by_cell_with_the_unperturbed_worlds_se(tmp_path, capsys):
+    reference = [fake_world(str(tmp_path / "ref"), s, hm_shift=0.01 * s) for s in range(3)]
+    perturbed = fake_world(str(tmp_path / "perturbed"), 0, hm_shift=0.05)  # DiVE-k +5 on base and novel
+    rows, outside, total = compare.perturbation(perturbed, reference)
+    cells = dict(rows)
+    base_se = compare.standard_error([50.0, 51.0, 52.0])  # DiVE-k's base over the three reference worlds
+    assert cells["DiVE-k"][0] == (pytest.approx(5.0), pytest.approx(base_se))
+    assert cells["Visual-RFT"][0] == (0.0, 0.0)  # the same on every world: SE 0, and not moved
+    assert cells["start"][5] == (0.0, pytest.approx(compare.standard_error([25.0, 26.0, 27.0])))  # MCQ
+    # DiVE-k's base, novel and HM, and CoT SFT+DAPO's novel and HM (novel 40 - 100 * hm_shift) move
+    assert outside == 5 and total == 6 * 9
+    assert cells["CoT SFT+DAPO"][1][0] == pytest.approx(-5.0) and cells["CoT SFT+DAPO"][0][0] == 0.0
+    compare.main([perturbed, "--reference"] + reference)
+    out = capsys.readouterr().out
+    assert f"+5.0*({base_se:4.1f})" in out and "5 of 54 cells outside" in out
+    with pytest.raises(SystemExit, match="no single unperturbed folder"):
+        compare.perturbation(str(tmp_path / "seed_7"), reference)
