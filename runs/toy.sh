@@ -26,7 +26,7 @@
 #   LR                   the GRPO learning rate, the same for every recipe [1.5e-4]
 #   NPROC                ranks (torchrun) of the start model's pretraining [2]
 #   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
-#   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [8 0.7]
+#   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [6 0.8]
 #   HEDGE                the share of the start's open-world naming answers that say only the parent [0.6]
 #   MICRO                rows a forward in the GRPO update (the float path only: the step is the same) [32]
 #   FAMILY=qwen3         a tiny Qwen3-VL start model instead of Qwen2.5-VL [qwen2.5]
@@ -50,8 +50,8 @@ G=${G:-8}
 LR=${LR:-1.5e-4}
 NPROC=${NPROC:-2}
 PREFIX=${PREFIX:-shared}
-CONFUSED=${CONFUSED:-8}
-CONFUSION=${CONFUSION:-0.7}
+CONFUSED=${CONFUSED:-6}
+CONFUSION=${CONFUSION:-0.8}
 HEDGE=${HEDGE:-0.6}
 MICRO=${MICRO:-32}
 SECONDS=0
