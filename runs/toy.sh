@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU
-# (about 13 min on 2 cores from nothing, 7.5 with the start model cached). Why these settings, the timings and
+# (10-13 min on 2 cores from nothing, 6.5-8 with the start model cached: docs/LOG.md). Why these settings, the timings and
 # the history: docs/LOG.md, "runs/toy.sh: why these settings"; each recipe's settings: docs/methods.md.
 #
 # For each world seed: 0. draw the toy world (data.prepare toy --names epithets --pretrain_naming: 64 classes,
