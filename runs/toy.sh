@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the papers' recipes side by side on the toy world, from one start model, on a CPU
-# (10-13 min on 2 cores from nothing, 6.5-8 with the start model cached: docs/LOG.md). Why these settings, the timings and
-# the history: docs/LOG.md, "runs/toy.sh: why these settings"; each recipe's settings: docs/methods.md.
+# (10-13 min on 2 cores from nothing, 6.5-8 with the start model cached, by machine). Why these settings, the
+# timings and the history: docs/LOG.md, "runs/toy.sh: why these settings"; each recipe's settings: docs/methods.md.
 #
 # For each world seed: 0. draw the toy world (data.prepare toy --names epithets --pretrain_naming: 64 classes,
 # 32 base / 32 novel, names that take knowledge as well as sight); 1. build the start model standing in for
