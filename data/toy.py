@@ -27,8 +27,8 @@ Files written (all in the record format of data/records.py, images as PNG under 
   class: Fine-R1's few-shot pool), asked in turn with Fine-R1's open
   question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording and as the held-out
   MCQ (8 options, a cube: the candidates are the class and the 3 options one attribute away), answered with
-  the option's text (the four questions the toy comparison
-  asks: a 1M-parameter model does not carry a format over to a wording it was never shown);
+  the option's text (the four questions the toy comparison asks: a 1M-parameter model does not carry a
+  format over to a wording it was never shown);
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
@@ -380,7 +380,8 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
             # in the options' order, are the class and the 3 options one attribute away; answered with the text
             options = [cls] + mcq_cube(cls, classes, rng)
             rng.shuffle(options)
-            candidates = [c for c in options if sum(c["attributes"][k] != cls["attributes"][k] for k in ATTRIBUTES) <= 1]
+            near = lookalikes(cls, options)
+            candidates = [c for c in options if c is cls or c in near]
             names = [c["name"] for c in options]
             mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
         else:

@@ -271,39 +271,26 @@ def format_training_rewards(rows, n_seeds):
     return text_table([f"training reward ({seeds})", "first quarter", "last quarter", "rise ± SE", "verdict"], body)
 
 
-FORMAT_MODES = [("open", "open"), ("two_step", "two-step"), ("open_world", "open-world"), ("mcq", "MCQ")]
+FORMAT_COLUMNS = [("open", "format", "open"), ("two_step", "format", "two-step"), ("open_world", "format", "open-world"),
+                  ("mcq", "format", "MCQ")]
 FORMAT_FLOOR = 95.0  # %: a model that answers fewer held-out questions in format has lost its format
 
 
 def held_out_format(folders):
     """[(run name, {header: [format % per folder, None where not evaluated]})] for the runs evaluated in any
     folder: the share of each held-out question's answers in the <think></think><answer></answer> format."""
-    out = []
-    for run, name in RUNS:
-        row = {}
-        for mode, header in FORMAT_MODES:
-            shares = []
-            for f in folders:
-                path = os.path.join(f, "eval", run, f"metrics_{mode}.json")
-                value = None
-                if os.path.exists(path):
-                    with open(path) as fh:
-                        value = json.load(fh)["mean"].get("format")
-                shares.append(None if value is None else 100 * value)
-            row[header] = shares
-        if any(v is not None for shares in row.values() for v in shares):
-            out.append((name, row))
-    return out
+    names = dict(RUNS)
+    return [(names[run], row) for run, row in collect(folders, FORMAT_COLUMNS).items()]
 
 
 def format_held_out_format(rows):
     """The lowest share over the worlds per question, and whether every world is at FORMAT_FLOOR or above."""
     body = []
     for name, row in rows:
-        cells = [[v for v in row[h] if v is not None] for _, h in FORMAT_MODES]
+        cells = [[v for v in row[h] if v is not None] for *_, h in FORMAT_COLUMNS]
         body.append([name] + [f"{min(c):.1f}" if c else "-" for c in cells]
                     + ["yes" if all(v >= FORMAT_FLOOR for c in cells for v in c) else "no"])
-    return text_table(["format (%, worst world)"] + [h for _, h in FORMAT_MODES] + [f">= {FORMAT_FLOOR:.0f}"], body)
+    return text_table(["format (%, worst world)"] + [h for *_, h in FORMAT_COLUMNS] + [f">= {FORMAT_FLOOR:.0f}"], body)
 
 
 # the start a recipe can improve on: greedy answers often wrong while the knowledge is there (docs/LOG.md)
@@ -365,13 +352,13 @@ def format_perturbation(rows, outside, total):
             + f"\n  {outside} of {total} cells outside their SE over the unperturbed worlds (*)")
 
 
-def collect(folders):
-    """{run: {header: [value per folder, in % or None]}} for the runs evaluated in any folder."""
+def collect(folders, columns=COLUMNS):
+    """{run: {header: [value per folder, in % or None]}} for the runs with any of `columns` in any folder."""
     values = {}
     for run, _ in RUNS:
-        rows = [headline(os.path.join(f, "eval", run), COLUMNS) for f in folders]
+        rows = [headline(os.path.join(f, "eval", run), columns) for f in folders]
         if any(v is not None for r in rows for v in r.values()):
-            values[run] = {h: [None if r[h] is None else 100 * r[h] for r in rows] for *_, h in COLUMNS}
+            values[run] = {h: [None if r[h] is None else 100 * r[h] for r in rows] for *_, h in columns}
     return values
 
 
