@@ -25,10 +25,11 @@ Files written (all in the record format of data/records.py, images as PNG under 
 - sft_cot.jsonl: Fine-R1-format chain of thought (numbered visual features -> candidates incl. base
   look-alikes -> comparison -> prediction) on the train images (or the first `cot_per_class` of each
   class: Fine-R1's few-shot pool), asked in turn with Fine-R1's open
-  question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording and as the held-out
-  MCQ (8 options, a cube: the candidates are the class and the 3 options one attribute away), answered with
-  the option's text (the four questions the toy comparison asks: a 1M-parameter model does not carry a
-  format over to a wording it was never shown);
+  question, with DiVE-k's list of the base classes, in SpeciaRL's open-world wording, as the held-out
+  MCQ (8 options, a cube: the candidates are the class and the 3 options one attribute away) and as the
+  two-step's MCQ (2-5 options: the class and base look-alikes, all compared), answered with the option's
+  text (the questions the toy comparison asks: a 1M-parameter model does not carry a format over to a
+  wording it was never shown);
 - pretrain.jsonl: what the tiny base model must know before SFT/RL, on separate images of ALL classes
   (never test images): single-attribute questions (shape, colour, pattern) and MCQs over the true class
   and 2-4 random others, answered with the option's text. It never asks for a class's name openly: the
@@ -281,6 +282,13 @@ def cot_target(cls, candidates):
             + "; ".join(compared) + f".\nPrediction: {cls['name']}.</think><answer>{cls['name']}</answer>")
 
 
+def rationale_corpus(classes):
+    """One rationale a class, every look-alike compared: the CoT template's words as a tokenizer learns
+    them (runs/toy_base.py), whatever sft_cot.jsonl samples and asks, so that changing Fine-R1's pool does
+    not change the start model."""
+    return [cot_target(c, [c] + lookalikes(c, classes)) for c in classes]
+
+
 def mcq_cube(cls, classes, rng):
     """The 7 other corners of a cube around `cls`: one other value per attribute, drawn at random, and
     every combination of the two values of each. Every corner is like every other (each differs from 3
@@ -364,7 +372,9 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
                                 target=short_target(c)) for i, (p, c) in enumerate(train_items)]
 
     rng = random.Random(f"{seed}:sft_cot")
-    cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy"), "mcq"]
+    # the table's questions in turn: open, listed, open-world, the held-out MCQ, and DiVE-k's two-step MCQ
+    cot_questions = [question, open_question("toy", [c["name"] for c in base]), open_world_question("toy"), "mcq",
+                     "choice"]
     files["sft_cot"] = []
     cot_items, taken = [], {}  # the first cot_per_class images of each class, in training order (0: all)
     for path, cls in train_items:
@@ -382,6 +392,14 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
             rng.shuffle(options)
             near = lookalikes(cls, options)
             candidates = [c for c in options if c is cls or c in near]
+            names = [c["name"] for c in options]
+            mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
+        elif asked == "choice":  # the two-step's MCQ: 2-5 names the model might give (the class and base
+            # look-alikes), every one compared; without it the CoT model wrote nested <think>s on 2 options
+            near = near or lookalikes(cls, classes)  # a small world's class may have no base look-alike
+            options = [cls] + rng.sample(near, min(rng.randint(1, 4), len(near)))
+            rng.shuffle(options)
+            candidates = options
             names = [c["name"] for c in options]
             mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
         else:

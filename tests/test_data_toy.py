@@ -188,23 +188,30 @@ def test_cot_targets_follow_the_fine_r1_format(world):
     base = set(class_names(table, "base"))
     by_name = {c["name"]: c["attributes"] for c in table["classes"]}
     assert [r["image"] for r in files["sft_cot"]] == [r["image"] for r in files["train"]]
-    assert [r["question"] for r in files["sft_cot"][:3]] == [  # the four wordings the toy comparison asks, in turn
+    assert [r["question"] for r in files["sft_cot"][:3]] == [  # the five wordings the toy comparison asks, in turn
         open_question("toy"), open_question("toy", class_names(table, "base")), open_world_question("toy")]
+    sizes = Counter(len(r["options"]) for r in files["sft_cot"][4::5])
+    assert set(sizes) <= {2, 3, 4, 5} and len(sizes) >= 3, sizes  # the two-step's MCQs: 2-5 options, varied
     for i, r in enumerate(files["sft_cot"]):
-        assert ("options" in r) == (i % 4 == 3)
+        assert ("options" in r) == (i % 5 in (3, 4))
         think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", r["target"], re.S).groups()
         assert answer == r["label"]
         a = by_name[r["label"]]
         assert think.startswith(f"Visual analysis: {a['shape']}, {a['colour']}, {a['pattern']}.\nCandidates compared: ")
         compared = re.search(r"Candidates compared: (.*)\.\n", think).group(1).split("; ")
         candidates = [c.split(": ")[0] for c in compared]
-        assert r["label"] in candidates and 2 <= len(candidates) <= 4
+        assert r["label"] in candidates and 2 <= len(candidates) <= 5
         assert set(candidates) <= base or "options" in r  # an MCQ's options may be novel classes
         for name, text in zip(candidates, compared):  # what rules a look-alike out: for an epithet, its meaning
             wrong = [k for k in toy.ATTRIBUTES if by_name[name][k] != a[k]]
             assert text == f"{name}: {by_name[name][wrong[0]] if wrong else 'matches'}"
         assert think.endswith(f"Prediction: {r['label']}.")
-        if "options" in r:  # the held-out MCQ's cube; the candidates: the options one attribute away, in order
+        if i % 5 == 4:  # the two-step's MCQ: the class and base look-alikes, each option compared, in order
+            assert candidates == r["options"] and r["question"] == mcq_question("toy", r["options"])
+            assert set(candidates) <= base  # in this world every base class has base look-alikes
+            assert all(sum(by_name[n][k] != a[k] for k in toy.ATTRIBUTES) == 1 for n in candidates if n != r["label"])
+            assert r["options"][LETTERS.index(r["answer"])] == r["label"]
+        elif "options" in r:  # the held-out MCQ's cube; the candidates: the options one attribute away, in order
             assert len(r["options"]) == 8 and r["question"] == mcq_question("toy", r["options"])
             assert candidates == [n for n in r["options"]
                                   if sum(by_name[n][k] != a[k] for k in toy.ATTRIBUTES) <= 1] and len(candidates) == 4
