@@ -96,15 +96,21 @@ def patch_embed_as_matmul(visual):
     embed.forward = forward
 
 
+def tokenizer_corpus(data, table):
+    """The texts the tiny tokenizer learns: the world's words (questions, targets, names) and Fine-R1's
+    rationale template (its words are then tokens, not bytes, and a rationale fits the recipes' completion
+    limit), not the CoT pool itself: a change to what sft_cot.jsonl asks must not change the start model."""
+    files = [os.path.join(data, f"{name}.jsonl") for name in ("pretrain", "sft", "test_mcq")]
+    return read_corpus([f for f in files if os.path.exists(f)]) + toy.rationale_corpus(table["classes"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
 
-    # the tokenizer learns the world's words (questions, targets, names)
-    # (sft_cot too: Fine-R1's rationales are then words, not bytes, and fit the recipes' completion limit)
-    corpus = read_corpus([os.path.join(args.data, f"{name}.jsonl") for name in ("pretrain", "sft", "sft_cot", "test_mcq")
-                          if os.path.exists(os.path.join(args.data, f"{name}.jsonl"))])
-    size = load_classes(os.path.join(args.data, "classes.json"))["config"]["size"]
+    table = load_classes(os.path.join(args.data, "classes.json"))
+    corpus = tokenizer_corpus(args.data, table)
+    size = table["config"]["size"]
     # a visual token covers 28 px a side in Qwen2.5-VL, 32 in Qwen3-VL: Qwen3-VL's images are resized by 32/28
     # (56 -> 64 px), so that both families see an image as the same number of tokens (4 at 56 px)
     side = size * 2 * vlm.FAMILIES[args.family].patch_size // 28
@@ -122,7 +128,6 @@ def main(argv=None):
         print(f"wrote {args.out} (vision tower from {args.tower})")
         return
 
-    table = load_classes(os.path.join(args.data, "classes.json"))
     world = table["config"]
     classes = table["classes"]
     values = {a: sorted({c["attributes"][a] for c in classes}) for a in ATTRIBUTES}

@@ -142,6 +142,23 @@ def test_patch_embed_as_matmul_equals_the_conv3d(tiny_dir):
     assert not torch.equal(conv, torch.zeros_like(conv))
 
 
+def test_toy_tokenizer_corpus_holds_the_rationale_words_not_the_cot_pool(tmp_path):
+    """The start model's tokenizer learns the CoT template's words, yet a world whose Fine-R1 pool asks other
+    rationales (here a smaller pool) gives the very same corpus, so the same start model."""
+    from data import toy
+    from data.records import load_classes
+    from runs.toy_base import tokenizer_corpus
+    small = dict(n_shapes=2, n_colours=2, n_patterns=2, train_per_class=3, val_per_class=1, test_per_class=1,
+                 pretrain_per_class=1, names="epithets", pretrain_naming=True, confusion=0.5, confused_pairs=1)
+    corpora = []
+    for cot in (1, 3):
+        toy.generate(str(tmp_path / f"cot{cot}"), seed=0, cot_per_class=cot, **small)
+        corpora.append(tokenizer_corpus(str(tmp_path / f"cot{cot}"), load_classes(tmp_path / f"cot{cot}")))
+    assert (tmp_path / "cot1" / "sft_cot.jsonl").read_text() != (tmp_path / "cot3" / "sft_cot.jsonl").read_text()
+    assert corpora[0] == corpora[1]
+    assert any("Candidates compared: " in text and "Prediction: " in text for text in corpora[0])
+
+
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # as runs/toy.sh runs it: a second thread's sums differ in the last bit
 
 
