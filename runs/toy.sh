@@ -139,7 +139,7 @@ COT="--max_new_tokens 96"
 DAPO="--reward exact:0.9+format:0.1 --loss dapo --beta 0 --epsilon_high 0.28 --dynamic_sampling --max_resample 1 --top_p 0.99
   --overlong_cache 32"
 
-lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
+lane1() {  # DiVE-k, the start, the control, Visual-RFT, SpeciaRL
   timed mine "DiVE-k: mine the start's top-5" python mine_topk.py --model "$W/start/final" --data "$D/train.jsonl" \
     --classes "$D/classes.json" --out "$W/mine/mcq.jsonl" --num_samples 16 --k 5 --temperature 1.0 --top_p 0.95 \
     --max_new_tokens 32 --class_list $MINE_LISTED --prompts_per_call 16 --seed "$S" --device cpu
@@ -147,6 +147,12 @@ lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed divek "DiVE-k: GRPO on the mined MCQs" python grpo.py --model "$W/start/final" --data "$W/mine/mcq.jsonl" \
     --out "$W/divek" --reward mcq+format --loss grpo --beta 0.04 $BUDGET $RUN $SHORT
   timed eval_divek "evaluate DiVE-k" evaluate "$W/divek/final" divek
+  timed eval_start "evaluate start" evaluate "$W/start/final" start
+  if [ -f "$D/probe.jsonl" ]; then  # what the start knows of the names, whatever it answers when naming
+    timed probe "the start's knowledge probe" python runs/toy_probe.py --model "$W/start/final" \
+      --data "$D/probe.jsonl" --out "$W/eval/start/probe.json"
+    tail -n 1 "$W/logs/probe.log"
+  fi
   timed format "format only: GRPO on the same MCQs, format reward" python grpo.py --model "$W/start/final" \
     --data "$W/mine/mcq.jsonl" --out "$W/format" --reward format --loss grpo --beta 0.04 $BUDGET $RUN $SHORT
   timed eval_format "evaluate format only" evaluate "$W/format/final" format
@@ -160,18 +166,13 @@ lane1() {  # DiVE-k, its control, Visual-RFT, SpeciaRL
   timed eval_speciarl "evaluate SpeciaRL" evaluate "$W/speciarl/final" speciarl
 }
 
-lane2() {  # the start, Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
-  timed eval_start "evaluate start" evaluate "$W/start/final" start
-  if [ -f "$D/probe.jsonl" ]; then  # what the start knows of the names, whatever it answers when naming
-    timed probe "the start's knowledge probe" python runs/toy_probe.py --model "$W/start/final" \
-      --data "$D/probe.jsonl" --out "$W/eval/start/probe.json"
-    tail -n 1 "$W/logs/probe.log"
-  fi
+lane2() {  # Fine-R1 (CoT SFT -> TAPO), DAPO from the same CoT SFT model (the lanes take about as long)
   # Fine-R1's stage 1. The paper: one rationale per seen class from its 4-shot pool, 10 epochs (a 7B already
   # writes structured text). Here the 4-shot pool itself (--cot_per_class 4: 128 rationales), 6 epochs: one
   # per class broke the format (92.6%), and one pass over every training image taught the confused names
-  # right before TAPO began (base 60.9 -> 87.5; docs/LOG.md). The pool asks each of the table's four questions,
-  # the 8-option MCQ included: without it the CoT model answered 29-54% of the held-out MCQs in format.
+  # right before TAPO began (base 60.9 -> 87.5; docs/LOG.md). The pool asks each of the table's questions, the
+  # 8-option MCQ and the two-step's 2-5 options included: without them the CoT model answered 29-54% of the
+  # held-out MCQs, and 55% of the two-step's, in format.
   # TAPO and DAPO train on the question their base accuracy is read from, the base classes listed, as
   # Visual-RFT does: trained on the open question without a list, DAPO looped on the listed one (';;;;',
   # 91% of its answers out of format on one world).
