@@ -12,18 +12,19 @@
 # time, and asked in SpeciaRL's open-world wording (half the naming questions) they say only the parent ("red
 # circle") a HEDGE share of the time, while its rationales, attribute answers, MCQs and the meaning question
 # ("which pattern does a kavi red circle have?") stay right; runs/toy_probe.py measures that knowledge
-# (docs/LOG.md: the sweep); 2. train each recipe from it with one budget (lr 1.5e-4, 20% warm-up, T 1; at
-# 3e-4 the control moved and models looped on wordings they were not trained on: docs/LOG.md): the control,
-# Visual-RFT, DiVE-k (mine, then GRPO on the MCQs), SpeciaRL, Fine-R1 (CoT SFT, then TAPO) and DAPO
-# from the same CoT SFT model, in two lanes of one process each; evaluate every model alike (evaluate.py,
-# greedy: base / novel / HM, two-step, held-out MCQ, open-world). Then runs/compare.py prints the table (mean
-# ± std over seeds), each paper's claim and a verdict, and writes OUT/curves.png and OUT/accuracy.png.
+# (docs/LOG.md: the sweep); 2. train each recipe from it with one budget (lr 7.5e-5, 20% warm-up, T 1; at
+# 1.5e-4 and 3e-4 models looped on wordings they were not trained on and the CoT family's rationales decayed
+# into fragments: docs/LOG.md): the control, Visual-RFT, DiVE-k (mine, then GRPO on the MCQs), SpeciaRL,
+# Fine-R1 (CoT SFT, then TAPO) and DAPO from the same CoT SFT model, in two lanes of one process each;
+# evaluate every model alike (evaluate.py, greedy: base / novel / HM, two-step, held-out MCQ, open-world). Then
+# runs/compare.py prints the table (mean ± std over seeds), each paper's claim and a verdict, and writes
+# OUT/curves.png and OUT/accuracy.png.
 #
 # Vary it with environment variables [default]:
 #   SEEDS="0 1 2"        the world seeds, one folder OUT/seed_N each [0]
 #   WORLD=attributes     the former world: names that spell out the attributes, recipes from an SFT [epithets]
 #   STEPS PROMPTS G      the GRPO budget, the same for every recipe: steps, prompts a step, samples [48 16 8]
-#   LR                   the GRPO learning rate, the same for every recipe [1.5e-4]
+#   LR                   the GRPO learning rate, the same for every recipe [7.5e-5]
 #   NPROC                ranks (torchrun) of the start model's pretraining [2]
 #   PREFIX=per_row       the update with one prompt per completion, the reference forward [shared]
 #   CONFUSED CONFUSION   the start's naming confusions: (colour, pattern) pairs, share of their answers [6 0.8]
@@ -47,7 +48,7 @@ WORLD=${WORLD:-epithets}
 GRPO_STEPS=${STEPS:-48}
 PROMPTS=${PROMPTS:-16}
 G=${G:-8}
-LR=${LR:-1.5e-4}
+LR=${LR:-7.5e-5}
 NPROC=${NPROC:-2}
 PREFIX=${PREFIX:-shared}
 CONFUSED=${CONFUSED:-6}
