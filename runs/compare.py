@@ -156,7 +156,8 @@ def test_set_floor(folders, draws=500):
 OBJECTIVES = [  # (run, the held-out number its recipe trains for, the run it starts from, what counts)
     ("format", "HM", "start", "control"),  # no task signal: it should stay where it starts (within 3 points)
     ("exact", "base", "start", "rise"),    # Visual-RFT: base accuracy, the base classes listed
-    ("divek", "MCQ", "start", "rise"),     # DiVE-k: the held-out MCQ
+    ("divek", "MCQ", "start", "rise"),     # DiVE-k: the held-out MCQ ...
+    ("divek", "base", "start", "rise"),    # ... and base accuracy
     ("speciarl", "specific", "start", "rise"),  # SpeciaRL: specificity ...
     ("speciarl", "correct", "start", "keep"),   # ... without losing correctness
     ("tapo", "base", "cot", "rise"),       # Fine-R1's TAPO and plain DAPO: base accuracy over their CoT SFT start

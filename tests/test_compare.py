@@ -199,11 +199,12 @@ def test_objectives_measure_each_recipe_against_the_model_it_starts_from():
         "tapo": cols(seeds(40, 39, 43), seeds(40, 40, 40), seeds(25, 25, 25), seeds(100, 100, 100), seeds(35, 35, 35)),
     }  # no "dapo": its row is left out
     rows = {(name, objective.split()[0]): (a, b, d, v) for name, objective, a, b, d, v in compare.objectives(values)}
-    assert list(rows) == [("format only", "HM"), ("Visual-RFT", "base"), ("DiVE-k", "MCQ"), ("SpeciaRL", "specific"),
-                          ("SpeciaRL", "correct"), ("Fine-R1", "base")]
+    assert list(rows) == [("format only", "HM"), ("Visual-RFT", "base"), ("DiVE-k", "MCQ"), ("DiVE-k", "base"),
+                          ("SpeciaRL", "specific"), ("SpeciaRL", "correct"), ("Fine-R1", "base")]
     assert rows[("Visual-RFT", "base")][2] == pytest.approx([5, 4, 3]) and rows[("Visual-RFT", "base")][3] == "improves"
     assert rows[("Visual-RFT", "base")][:2] == (pytest.approx(40), pytest.approx(44))
     assert rows[("DiVE-k", "MCQ")][3] == "within noise"  # +1, -1, +0.5: the mean is inside one std
+    assert rows[("DiVE-k", "base")][2] == pytest.approx([0, -2, 2]) and rows[("DiVE-k", "base")][3] == "within noise"
     assert rows[("SpeciaRL", "specific")][3] == "worse" and rows[("SpeciaRL", "correct")][3] == "kept"
     assert rows[("Fine-R1", "base")][2] == pytest.approx([-7, -6, -7]) and rows[("Fine-R1", "base")][3] == "worse"
     assert rows[("format only", "HM")][3] == "unmoved"  # -2.5, -2, -3: within 3 points
