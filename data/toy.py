@@ -392,14 +392,13 @@ def generate(out, seed=0, n_shapes=4, n_colours=4, n_patterns=4, size=56, train_
             rng.shuffle(options)
             near = lookalikes(cls, options)
             candidates = [c for c in options if c is cls or c in near]
-            names = [c["name"] for c in options]
-            mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
         elif asked == "choice":  # the two-step's MCQ: 2-5 names the model might give (the class and base
             # look-alikes), every one compared; without it the CoT model wrote nested <think>s on 2 options
             near = near or lookalikes(cls, classes)  # a small world's class may have no base look-alike
             options = [cls] + rng.sample(near, min(rng.randint(1, 4), len(near)))
             rng.shuffle(options)
             candidates = options
+        if asked in ("mcq", "choice"):
             names = [c["name"] for c in options]
             mcq = {"question": mcq_question("toy", names), "options": names, "answer": LETTERS[options.index(cls)]}
         else:
